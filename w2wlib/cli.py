@@ -1,0 +1,99 @@
+"""The ``w2w`` command: thin argument parsing over the library.
+
+    w2w book [--profile P] [--only NAME ...] [-p KEY VALUE ...]   run every notebook, build the HTML book
+    w2w run NOTEBOOK [--profile P] [-p KEY VALUE ...] [-o OUT]    run one notebook in batch
+    w2w profiles                                                  list profiles and their settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import W2WError
+
+__all__ = ["main"]
+
+
+def _pairs(values: list[list[str]] | None) -> dict:
+    from .profile import parse_value
+
+    return {key: parse_value(value) for key, value in (values or [])}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="mini", help="profile name (smoke, mini, sd15) or path to a YAML file (default: mini)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="a notebook parameter, or a dotted profile setting, parsed as YAML; repeatable")
+
+
+def _cmd_book(args: argparse.Namespace) -> int:
+    from .book import build_book
+    from .profile import load_profile
+
+    index = build_book(load_profile(args.profile), only=args.only, cli=_pairs(args.parameter),
+                       out=Path(args.out) if args.out else None)
+    print(f"book built: {index}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .book import run_notebook
+    from .profile import load_profile
+
+    profile = load_profile(args.profile)
+    nb = Path(args.notebook)
+    out = Path(args.output) if args.output else profile.root / "_build" / "runs" / profile.name / nb.name
+    run = run_notebook(nb, out, profile, _pairs(args.parameter))
+    print(f"{nb} ran in {run.seconds:.1f} s under profile {profile.name}; executed copy: {out}")
+    return 0
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .profile import list_profiles, load_profile
+
+    for name in list_profiles():
+        prof = load_profile(name)
+        print(f"{name}: {prof.description}")
+        print("  " + yaml.safe_dump(prof.settings, sort_keys=False).replace("\n", "\n  ").rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="w2w", description="w2w-book: weight spaces of personalised diffusion models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("book", help="run every notebook in _toc.yml with papermill, then build the HTML book")
+    _add_common(p)
+    p.add_argument("--only", action="append", metavar="NAME", help="execute only this notebook (file stem); repeatable")
+    p.add_argument("--out", help="build folder (default: _build)")
+    p.set_defaults(func=_cmd_book)
+
+    p = sub.add_parser("run", help="run one notebook in batch with papermill")
+    p.add_argument("notebook")
+    _add_common(p)
+    p.add_argument("-o", "--output", help="executed copy (default: _build/runs/PROFILE/NAME.ipynb)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("profiles", help="list the shipped profiles and their settings")
+    p.set_defaults(func=_cmd_profiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except W2WError as exc:
+        print(f"w2w: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

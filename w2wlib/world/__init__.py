@@ -1,0 +1,1 @@
+"""The mini world: procedural faces, a tiny diffusers pipeline and an identity encoder."""
