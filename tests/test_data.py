@@ -212,7 +212,7 @@ def test_ours_missing_file_is_named(tmp_path, W, layout, name):
     (tmp_path / name).unlink()
     with pytest.raises(ArtifactMissingError, match=name.replace(".", r"\.")) as err:
         open_weights(tmp_path)
-    assert "w2w dataset build" in str(err.value)
+    assert "w2wlib.data.save_weights" in str(err.value)
 
 
 def test_empty_folder_and_no_folder(tmp_path):

@@ -2,6 +2,8 @@
 
     w2w book [--profile P] [--only NAME ...] [-p KEY VALUE ...]   run every notebook, build the HTML book
     w2w run NOTEBOOK [--profile P] [-p KEY VALUE ...] [-o OUT]    run one notebook in batch
+    w2w world build [--config mini|micro] [--out DIR]            build the mini world (resumable)
+    w2w world check [--out DIR]                                   its quality gates, as JSON
     w2w profiles                                                  list profiles and their settings
 """
 
@@ -63,6 +65,31 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_world(args: argparse.Namespace) -> int:
+    import json
+
+    from .profile import load_profile
+    from .world import build as B
+
+    profile = load_profile(args.profile, {"device": args.device} if args.device else None)
+    out = Path(args.out) if args.out else profile.path("world_dir")
+    if args.action == "build":
+        cfg = B.WorldConfig.preset(args.config)
+        manifest = B.build_world(out, cfg, device=profile.device, command=B.command_line(),
+                                 stages=tuple(args.stage) if args.stage else B.STAGES)
+        print(json.dumps(manifest["quality"], indent=1))
+        print(f"world built in {out}")
+    else:
+        from .world.check import quality_gates
+
+        print(json.dumps(quality_gates(out, device=profile.device), indent=1))
+        bad = B.verify_manifest(out) if (out / "manifest.json").is_file() else ["manifest.json (missing)"]
+        if bad:
+            print(f"files that do not match the manifest: {bad}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2w", description="w2w-book: weight spaces of personalised diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -79,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("-o", "--output", help="executed copy (default: _build/runs/PROFILE/NAME.ipynb)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("world", help="build or check the mini world (pipeline, identity encoder)")
+    p.add_argument("action", choices=["build", "check"])
+    p.add_argument("--config", default="mini", choices=["mini", "micro"], help="world size (micro: a tiny world for tests)")
+    p.add_argument("--out", help="output folder (default: the profile's world_dir)")
+    p.add_argument("--profile", default="mini")
+    p.add_argument("--device", help="override the profile's device (cpu, cuda)")
+    p.add_argument("--stage", action="append", help="run only this stage (repeatable); finished stages are cached anyway")
+    p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("profiles", help="list the shipped profiles and their settings")
     p.set_defaults(func=_cmd_profiles)

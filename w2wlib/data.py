@@ -2,7 +2,7 @@
 
 One class, :class:`WeightsDataset`, reads two on-disk layouts; :func:`open_weights` tells them apart.
 
-**Ours** (written by :func:`save_weights`, built by ``w2w dataset build``), one folder:
+**Ours** (written by :func:`save_weights`), one folder:
 
 - ``all_weights.safetensors``: tensor ``"weights"`` ``[N, D]``, float32 or float16 (w2w's ``all_weights.pt``);
 - ``mean.safetensors`` / ``std.safetensors``: tensors ``"mean"`` / ``"std"`` ``[D]`` float32, computed in
@@ -75,7 +75,7 @@ W2W_REPO = "Snapchat/weights2weights"
 _W2W_DIRS = ("files", "weights_datasets/identities", ".")  # hub arrangement first, then flat
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-_BUILD_OURS = "rebuild it with `w2w dataset build`"
+_BUILD_OURS = "write it again with w2wlib.data.save_weights"
 _GET_W2W = "fetch it with `w2wlib.data.download_w2w(folder{})`"
 
 
@@ -177,7 +177,7 @@ class WeightsDataset:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ArtifactMissingError(f"No weights dataset folder {self.folder}: build ours with "
-                                       f"`w2w dataset build`, or fetch w2w's with w2wlib.data.download_w2w.")
+                                       f"w2wlib.data.save_weights, or fetch w2w's with w2wlib.data.download_w2w.")
         self.layout = layout or self._detect()
         if self.layout not in ("ours", "w2w"):
             raise W2WError(f"layout must be 'ours' or 'w2w', not {self.layout!r}.")
@@ -199,7 +199,7 @@ class WeightsDataset:
             return "w2w"
         raise ArtifactMissingError(
             f"{self.folder} holds no weights dataset: expected {OURS_FILES['weights']} (ours; build it with "
-            f"`w2w dataset build`) or {W2W_FILES['weights']} + files/*.pt (public w2w; "
+            f"w2wlib.data.save_weights) or {W2W_FILES['weights']} + files/*.pt (public w2w; "
             f"{_GET_W2W.format(', include_all_weights=True')}).")
 
     def _w2w_path(self, name: str) -> Path | None:
