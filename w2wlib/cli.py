@@ -75,7 +75,8 @@ def _cmd_world(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else profile.path("world_dir")
     if args.action == "build":
         cfg = B.WorldConfig.preset(args.config)
-        manifest = B.build_world(out, cfg, device=profile.device, command=B.command_line(),
+        command = f"w2w world build --config {args.config} --out {out}" + (f" --device {args.device}" if args.device else "")
+        manifest = B.build_world(out, cfg, device=profile.device, command=command,
                                  stages=tuple(args.stage) if args.stage else B.STAGES)
         print(json.dumps(manifest["quality"], indent=1))
         print(f"world built in {out}")

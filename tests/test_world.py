@@ -1,0 +1,126 @@
+"""The mini world: tokenizer, prompts, and a micro world built end to end by the real build command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from w2wlib import ArtifactMissingError, W2WError
+from w2wlib.metrics import frechet_distance
+from w2wlib.world import build as B
+from w2wlib.world import pipeline as P
+from w2wlib.world.render import ATTRIBUTES, attributes, sample_identities
+from w2wlib.world.text import VOCABULARY, attribute_prompt, check_prompt
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return P.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_every_vocabulary_word_is_one_token(tokenizer):
+    assert "sks" in VOCABULARY and "person" in VOCABULARY
+    for word in VOCABULARY:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, f"{word!r} splits into {tokenizer.convert_ids_to_tokens(ids)}"
+    ids = tokenizer("a photo of sks person").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(set(ids)) == 7
+    assert tokenizer.model_max_length == 77
+
+
+def test_unknown_words_fall_back_and_check_prompt_names_them(tokenizer):
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("a zebra", add_special_tokens=False).input_ids)
+    assert pieces[0] == "a</w>" and len(pieces) > 2  # "zebra" falls back to sub-word pieces
+    assert check_prompt("A photo of sks person") == "A photo of sks person"
+    with pytest.raises(W2WError, match=r"\['zebra'\]"):
+        check_prompt("a photo of a zebra")
+
+
+def test_attribute_prompts_only_name_true_attributes():
+    rng = np.random.default_rng(0)
+    attrs = attributes(sample_identities(np.arange(300)))
+    for a in attrs:
+        text = check_prompt(attribute_prompt(a, rng, generic=0.0))
+        on = {name for name, flag in zip(ATTRIBUTES, a) if flag}
+        assert ("man" in text.split()) == ("Male" in on)
+        assert ("glasses" in text) <= ("Eyeglasses" in on) and ("beard" in text) <= ("Beard" in on)
+
+
+def test_frechet_distance_matches_the_1d_formula():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20000, 1, generator=g) * 2 + 1, torch.randn(20000, 1, generator=g) * 0.5 - 1
+    expected = (a.mean() - b.mean()) ** 2 + (a.std() - b.std()) ** 2
+    assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-3)
+    with pytest.raises(W2WError, match="equal F"):
+        frechet_distance(a, torch.randn(5, 2))
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory):
+    """A micro world built by the real CLI, once per test session."""
+    from w2wlib.cli import main
+
+    out = tmp_path_factory.mktemp("world")
+    assert main(["world", "build", "--config", "micro", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_micro_world_loads_with_plain_diffusers_and_generates(micro_world):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(micro_world / "pipeline", local_files_only=True)
+    assert pipe.tokenizer("sks", add_special_tokens=False).input_ids.__len__() == 1
+    out = pipe("a photo of a person", height=64, width=64, num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all() and out.std() > 0.01
+    again = pipe("a photo of a person", height=64, width=64, num_inference_steps=3, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(out, again)  # seeded generation is deterministic
+
+
+def test_micro_world_manifest_and_gates(micro_world):
+    manifest = json.loads((micro_world / "manifest.json").read_text())
+    assert manifest["command"].startswith("w2w world build") and "--config micro" in manifest["command"]
+    assert set(manifest["build_seconds"]) == set(B.STAGES)
+    assert {"pipeline/model_index.json", "identity_encoder/config.json", "quality.json"} <= set(manifest["files"])
+    assert B.verify_manifest(micro_world) == []
+    q = manifest["quality"]
+    assert 0 <= q["identity_encoder"]["verification_auc"] <= 1 and q["samples"]["n"] == 8
+    assert q["autoencoder"]["reconstruction_id_score"] > q["autoencoder"]["other_identity_id_score"]
+
+
+def test_build_is_cached_and_tampering_is_detected(micro_world, tmp_path):
+
+    manifest = B.build_world(micro_world, B.WorldConfig.preset("micro"), device=torch.device("cpu"), progress=False)
+    assert manifest["files"]["pipeline/model_index.json"]["sha256"] == B.sha256(micro_world / "pipeline" / "model_index.json")
+    copy = tmp_path / "w"
+    import shutil
+
+    shutil.copytree(micro_world, copy)
+    (copy / "quality.json").write_text("{}")
+    assert B.verify_manifest(copy) == ["quality.json"]
+
+
+def test_missing_artifacts_name_the_build_command(tmp_path):
+    with pytest.raises(ArtifactMissingError, match="w2w world build"):
+        P.load_pipeline(tmp_path / "nowhere")
+    from w2wlib.world.encoder import load_encoder
+
+    with pytest.raises(ArtifactMissingError, match="w2w world build"):
+        load_encoder(tmp_path / "nowhere")
+    with pytest.raises(W2WError, match="unknown world config"):
+        B.WorldConfig.preset("huge")
+
+
+def test_autoencoder_stage_is_deterministic(tmp_path):
+    """The same config and seed give the same weights, byte for byte (same machine, same threads)."""
+    cfg = B.WorldConfig.preset("micro")
+    cfg.autoencoder.steps = 3
+    shas = []
+    for name in ("a", "b"):
+        B.build_world(tmp_path / name, cfg, device=torch.device("cpu"), progress=False, stages=("autoencoder",))
+        shas.append(B.sha256(tmp_path / name / "_work" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert shas[0] == shas[1]

@@ -1,0 +1,104 @@
+"""The mini world's quality gates (``w2w world check``): is it a faithful miniature?
+
+- **autoencoder**: the ID score between held-out renders and their reconstructions;
+- **base-model samples** (``"a photo of a person"``):
+  - FID in the identity encoder's embedding space against fresh renders, next to the same distance
+    between two sets of fresh renders (the floor set by sampling noise);
+  - attribute frequencies of the samples (from the encoder's attribute head) against the renderer's prior;
+  - the similarity of each sample to its nearest training identity, next to the same for held-out
+    renders: if samples sit no closer to the training set than new people do, the model generalises
+    rather than copies;
+- **identity encoder**: verification ROC AUC and attribute accuracy on held-out identities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..metrics import frechet_distance
+from . import encoder as E
+from . import pipeline as P
+from .render import ATTRIBUTES, attribute_prior, render_ids
+
+__all__ = ["quality_gates", "sample_base_model", "reconstruct", "nearest_training_identities", "held_out_seeds"]
+
+
+@torch.no_grad()
+def sample_base_model(pipe, n: int, *, prompt: str = "a photo of a person", seed: int = 0, steps: int = 25,
+                      guidance: float = 4.0, batch: int = 64) -> np.ndarray:
+    """``n`` base-model samples as uint8 ``[n, 64, 64, 3]``, deterministic in ``seed``."""
+    out = []
+    for i in range(0, n, batch):
+        k = min(batch, n - i)
+        gen = torch.Generator().manual_seed(seed + i)
+        imgs = pipe([prompt] * k, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=gen, output_type="np").images
+        out.append((imgs * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def held_out_seeds(n: int, seed: int) -> np.ndarray:
+    """``n`` distinct identity seeds that no model of the mini world was trained on."""
+    return E.HELD_OUT_BASE + np.random.default_rng(seed).choice(E.HELD_OUT_BASE, n, replace=False)
+
+
+@torch.no_grad()
+def reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """Autoencoder reconstructions (posterior mean, decoded) of uint8 ``[N, 64, 64, 3]`` images."""
+    from ..viz import to_uint8
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(vae.device, vae.dtype).div(127.5).sub(1)
+    return to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample)
+
+
+def nearest_training_identities(enc, images: np.ndarray, *, n_train: int = 1024, seed: int = 0):
+    """For each image, the most similar of ``n_train`` training identities (one render each).
+
+    Returns ``(train_seeds [N], similarities [N])``: a model that copies its training set would give
+    samples much closer to their nearest training identity than held-out renders are.
+    """
+    train_ids = np.random.default_rng([seed, 7]).choice(P.TRAIN_IDENTITY_SEEDS.stop, n_train, replace=False)
+    emb_t = enc.embed(render_ids(train_ids, np.zeros_like(train_ids)))      # [T, E]
+    sims = enc.embed(images) @ emb_t.T                                      # [N, T]
+    best = sims.max(1)
+    return train_ids[best.indices.numpy()], best.values.numpy()
+
+
+@torch.no_grad()
+def quality_gates(world: Path, *, n_identities: int = 200, n_samples: int = 256, device: torch.device | str = "cpu",
+                  progress: bool = True, seed: int = 0) -> dict:
+    """Compute every gate for the world in ``world``; returns a JSON-able dict."""
+    pipe = P.load_pipeline(world / "pipeline", device=device)
+    enc = E.load_encoder(world / "identity_encoder", device=device)
+    ver = E.verification(enc, n_identities=n_identities, n_views=4, seed=seed)
+    renders = render_ids(held_out_seeds(n_identities, seed + 1), np.arange(n_identities))
+    recon = reconstruct(pipe.vae, renders)
+    rec_scores = E.pairwise_id_scores(enc, renders, recon)
+    other = E.pairwise_id_scores(enc, renders, np.roll(recon, 1, 0))  # a different identity's reconstruction
+    samples = sample_base_model(pipe, n_samples, seed=seed)
+    fresh = render_ids(held_out_seeds(n_samples, seed + 2), np.arange(n_samples))
+    fresh2 = render_ids(held_out_seeds(n_samples, seed + 3), np.arange(n_samples))
+    emb_s, emb_f, emb_f2 = enc.embed(samples), enc.embed(fresh), enc.embed(fresh2)
+    _, near_samples = nearest_training_identities(enc, samples, n_train=4 * n_samples, seed=seed)
+    _, near_fresh = nearest_training_identities(enc, fresh, n_train=4 * n_samples, seed=seed)
+    prior = attribute_prior(20000, seed)
+    freq = (torch.sigmoid(enc.predict_attributes(samples)) > 0.5).float().mean(0)
+    return {
+        "autoencoder": {"reconstruction_id_score": float(rec_scores.mean()),
+                        "other_identity_id_score": float(other.mean())},
+        "samples": {
+            "n": n_samples,
+            "fid_identity_space": frechet_distance(emb_s, emb_f),
+            "fid_identity_space_render_floor": frechet_distance(emb_f2, emb_f),
+            "attribute_frequency": {a: float(f) for a, f in zip(ATTRIBUTES, freq)},
+            "attribute_prior": prior,
+            "attribute_mean_abs_gap": float(np.mean([abs(float(f) - prior[a]) for a, f in zip(ATTRIBUTES, freq)])),
+            "nearest_train_similarity": float(near_samples.mean()),
+            "nearest_train_similarity_held_out_renders": float(near_fresh.mean()),
+        },
+        "identity_encoder": {"verification_auc": ver["auc"], "attribute_accuracy": ver["attr_acc"],
+                             "same_identity_similarity": ver["same_mean"], "different_identity_similarity": ver["diff_mean"]},
+    }
