@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -195,8 +197,18 @@ def _two_process_worker(world, folder, seeds, cfg):
         json.dumps({"n": state.num_processes, "shards": [p.name for p in paths]}))
 
 
-def test_two_process_gloo_run_writes_disjoint_shards(world, tmp_path):
+def test_two_process_gloo_run_writes_disjoint_shards(request, tmp_path):
+    # debug_launcher forks; a parent whose OpenMP pool has run with 2+ threads leaves its forked
+    # children deadlocked (libgomp is not fork-safe). So the test runs in a fresh single-threaded
+    # interpreter, with a hard timeout so that a hang fails instead of stalling CI.
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{request.node.name}"],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        return
     from accelerate import debug_launcher
+
+    world = request.getfixturevalue("world")
 
     cfg, seeds = config(lr=1e-3, steps=2), [40, 41, 42, 43, 44, 45]
     debug_launcher(_two_process_worker, args=(world, str(tmp_path), seeds, cfg), num_processes=2)
