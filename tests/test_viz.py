@@ -36,3 +36,14 @@ def test_png_and_slider():
         image_slider([img])
     with pytest.raises(W2WError, match="2 labels for 3 frames"):
         image_slider([img] * 3, labels=["a", "b"])
+
+
+def test_to_tensor_inverts_to_uint8_exactly():
+    from w2wlib.viz import to_tensor
+
+    imgs = np.random.default_rng(1).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    t = to_tensor(imgs)
+    assert t.shape == (3, 3, 5, 7) and t.dtype == torch.float32 and t.min() >= -1 and t.max() <= 1
+    assert np.array_equal(to_uint8(t), imgs)
+    with pytest.raises(W2WError, match="uint8 images"):
+        to_tensor(imgs.astype(np.float32))

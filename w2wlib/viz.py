@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import W2WError
 
-__all__ = ["to_uint8", "image_grid", "show_images", "png_bytes", "image_slider"]
+__all__ = ["to_uint8", "to_tensor", "image_grid", "show_images", "png_bytes", "image_slider"]
 
 
 def to_uint8(images) -> np.ndarray:
@@ -36,6 +36,17 @@ def to_uint8(images) -> np.ndarray:
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
     return arr
+
+
+def to_tensor(images) -> "torch.Tensor":  # noqa: F821
+    """uint8 ``[N, H, W, 3]`` images (numpy or torch) as float32 torch ``[N, 3, H, W]`` in [-1, 1],
+    diffusers' image convention; the inverse of :func:`to_uint8`."""
+    import torch
+
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+        raise W2WError(f"expected uint8 images [N, H, W, 3], got {t.dtype} {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def image_grid(images, nrow: int, pad: int = 1) -> np.ndarray:

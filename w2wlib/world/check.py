@@ -48,9 +48,9 @@ def held_out_seeds(n: int, seed: int) -> np.ndarray:
 @torch.no_grad()
 def reconstruct(vae, images: np.ndarray) -> np.ndarray:
     """Autoencoder reconstructions (posterior mean, decoded) of uint8 ``[N, 64, 64, 3]`` images."""
-    from ..viz import to_uint8
+    from ..viz import to_tensor, to_uint8
 
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(vae.device, vae.dtype).div(127.5).sub(1)
+    x = to_tensor(images).to(vae.device, vae.dtype)
     return to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample)
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from w2wlib.errors import ArtifactMissingError, W2WError
+from w2wlib.viz import to_tensor
 from w2wlib.world.render import (ATTRIBUTES, FACTOR_NAMES, attributes, render, render_ids,
                                  sample_identities)
 
@@ -238,7 +239,7 @@ def _to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.dtype == torch.uint8:
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0           # [N, 3, H, W]
+        x = to_tensor(images)                                           # [N, 3, H, W]
     else:
         x = images.float()
     if x.shape[-2:] != (SIZE, SIZE):
@@ -263,7 +264,7 @@ def _factor_stats() -> tuple[np.ndarray, np.ndarray]:
 def _render_batch(ids: np.ndarray, img_seeds: np.ndarray):
     """Images [N,3,64,64] in [-1,1], attribute targets [N,A] and standardised factors [N,F']."""
     f = sample_identities(ids)
-    x = torch.from_numpy(render(f, img_seeds)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_tensor(render(f, img_seeds))                                 # [N, 3, 64, 64]
     mu, sd = _factor_stats()
     fac = (f.as_array()[:, [FACTOR_NAMES.index(n) for n in _REGRESSED]] - mu) / sd
     return (x, torch.from_numpy(attributes(f).astype(np.float32)),

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArtifactMissingError
+from ..viz import to_tensor
 from . import render
 from .text import attribute_prompt, write_tokenizer_files
 
@@ -73,8 +74,7 @@ class UNetConfig:
 
 def render_batch(identity_seeds: np.ndarray, image_seeds: np.ndarray) -> torch.Tensor:
     """Renders as float ``[N, 3, 64, 64]`` in [-1, 1], diffusers' image convention."""
-    imgs = render.render_ids(identity_seeds, image_seeds)
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return to_tensor(render.render_ids(identity_seeds, image_seeds))
 
 
 def make_tokenizer(folder: Path):
@@ -157,7 +157,7 @@ def train_autoencoder(cfg: AutoencoderConfig, *, device: torch.device, progress:
         rng = np.random.default_rng([cfg.seed, step])  # per-step stream: resuming replays the same data
         ids = rng.integers(0, cfg.n_identities, cfg.batch)
         imgs, mask = render.render_ids(ids, rng.integers(0, 2**31, cfg.batch), return_mask=True)
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)  # [B,3,64,64]
+        x = to_tensor(imgs).to(device)                                                             # [B,3,64,64]
         w = 1.0 + cfg.face_weight * torch.from_numpy(mask).to(device)[:, None]                    # [B,1,64,64]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
