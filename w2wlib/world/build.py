@@ -188,12 +188,7 @@ def build_world(out: Path, cfg: WorldConfig, *, device: torch.device, command: s
         elif stage == "encoder":
             ecfg = cfg.encoder_config()
             ae = vae()
-
-            @torch.no_grad()
-            def reconstruct(x: torch.Tensor) -> torch.Tensor:  # [N,3,64,64] in [-1,1] -> same
-                return ae.decode(ae.encode(x.to(device)).latent_dist.mean).sample.clamp(-1, 1).to(x.device)
-
-            enc, history = E.train_encoder(ecfg, device=device, recon_fn=reconstruct, progress=progress)
+            enc, history = E.train_encoder(ecfg, device=device, recon_fn=lambda x: P.autoencode(ae, x), progress=progress)
             E.save_encoder(enc, enc_dir)
             extra["final_loss"] = history[-1] if history else None
         elif stage == "check":

@@ -50,8 +50,7 @@ def reconstruct(vae, images: np.ndarray) -> np.ndarray:
     """Autoencoder reconstructions (posterior mean, decoded) of uint8 ``[N, 64, 64, 3]`` images."""
     from ..viz import to_tensor, to_uint8
 
-    x = to_tensor(images).to(vae.device, vae.dtype)
-    return to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample)
+    return to_uint8(P.autoencode(vae, to_tensor(images)))
 
 
 def nearest_training_identities(enc, images: np.ndarray, *, n_train: int = 1024, seed: int = 0):
@@ -82,8 +81,9 @@ def quality_gates(world: Path, *, n_identities: int = 200, n_samples: int = 256,
     fresh = render_ids(held_out_seeds(n_samples, seed + 2), np.arange(n_samples))
     fresh2 = render_ids(held_out_seeds(n_samples, seed + 3), np.arange(n_samples))
     emb_s, emb_f, emb_f2 = enc.embed(samples), enc.embed(fresh), enc.embed(fresh2)
-    _, near_samples = nearest_training_identities(enc, samples, n_train=4 * n_samples, seed=seed)
-    _, near_fresh = nearest_training_identities(enc, fresh, n_train=4 * n_samples, seed=seed)
+    # one search for both sets: the training identities are rendered and embedded once
+    _, near = nearest_training_identities(enc, np.concatenate([samples, fresh]), n_train=4 * n_samples, seed=seed)
+    near_samples, near_fresh = near[:n_samples], near[n_samples:]
     prior = attribute_prior(20000, seed)
     freq = (torch.sigmoid(enc.predict_attributes(samples)) > 0.5).float().mean(0)
     return {

@@ -32,7 +32,7 @@ from .text import attribute_prompt, write_tokenizer_files
 
 __all__ = ["AutoencoderConfig", "UNetConfig", "make_tokenizer", "make_text_encoder", "make_autoencoder", "make_unet",
            "make_schedulers", "train_autoencoder", "encode_latents", "train_unet", "save_pipeline", "load_pipeline",
-           "render_batch", "TRAIN_IDENTITY_SEEDS"]
+           "render_batch", "autoencode", "TRAIN_IDENTITY_SEEDS"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,13 @@ def train_autoencoder(cfg: AutoencoderConfig, *, device: torch.device, progress:
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
+
+
+@torch.no_grad()
+def autoencode(vae, x: torch.Tensor) -> torch.Tensor:
+    """Reconstruct float ``[N, 3, H, W]`` images in [-1, 1] through the posterior mean (same shape and range)."""
+    x_in = x.to(vae.device, vae.dtype)
+    return vae.decode(vae.encode(x_in).latent_dist.mean).sample.clamp(-1, 1).to(x.device, x.dtype)
 
 
 @torch.no_grad()
