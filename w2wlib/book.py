@@ -238,9 +238,10 @@ def build_book(profile: str | Profile = "mini", *, only: list[str] | None = None
             raise W2WError(f"--only {name!r}: no such notebook in _toc.yml; choose from {sorted(stems)}")
     # Stage the book's sources: config, toc, every non-notebook file under book/ (pages, vendored JS).
     src.mkdir(parents=True, exist_ok=True)
-    for name in ("_config.yml", "_toc.yml", "references.bib"):  # the bibliography is optional
-        if (root / name).is_file() or name != "references.bib":
-            shutil.copy2(root / name, src / name)
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
+        if name == "references.bib" and not (root / name).is_file():
+            continue  # the bibliography is optional
+        shutil.copy2(root / name, src / name)
     shutil.copytree(root / "book", src / "book", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints"))
     runs: list[NotebookRun] = []
     from tqdm.auto import tqdm
