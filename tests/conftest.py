@@ -16,3 +16,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def root() -> Path:
     """The project root (the clone under test)."""
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory) -> Path:
+    """A micro world built by the real CLI, once per test session."""
+    from w2wlib.cli import main
+
+    out = tmp_path_factory.mktemp("world")
+    assert main(["world", "build", "--config", "micro", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_dataset(micro_world, tmp_path_factory) -> Path:
+    """A micro weights dataset trained on the micro world by the real CLI, once per test session."""
+    from w2wlib.cli import main
+
+    out = tmp_path_factory.mktemp("dataset")
+    assert main(["dataset", "build", "--config", "micro", "--out", str(out), "--world", str(micro_world),
+                 "--device", "cpu"]) == 0
+    return out

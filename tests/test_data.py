@@ -394,3 +394,28 @@ def test_download_through_huggingface_hub(tmp_path, W, layout, monkeypatch):
 def test_w2w_file_names_are_public_names():
     assert set(W2W_FILES.values()) == {"all_weights.pt", "mean.pt", "std.pt", "weight_dimensions.pt",
                                        "identity_df.pt"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="resident memory is read from /proc (Linux)")
+def test_rows_are_read_directly_so_resident_memory_stays_bounded(tmp_path):
+    """A pass over 64 MB of rows, in both layouts: rows equal the mapping's, and RSS grows by about one batch."""
+    layout = LoraLayout.from_modules([(f"down_blocks.0.attentions.0.transformer_blocks.0.attn{i}.to_q", 8192, 1)
+                                      for i in (1, 2)], rank=1, alpha=27.0, target_modules=("to_q",))
+    W = torch.randn(1024, layout.dim, generator=torch.Generator().manual_seed(0))            # [1024, 16386] ~64 MB
+    ours = open_weights(save_weights(tmp_path / "ours", W, layout))
+    public = open_weights(export_w2w_layout(ours, tmp_path / "w2w"))
+    del W
+    idx = torch.tensor([5, -1, 5, 0, 1000, 7, 6])                  # unsorted, repeated, negative
+    for ds in (ours, public):
+        assert ds._file is not None                                # the direct reader was located and self-checked
+        assert torch.equal(ds.rows(idx), ds.weights[idx % len(ds)].float())
+        assert torch.equal(ds.rows(slice(3, 9)), ds.weights[3:9].float())
+        before = peak = _rss_bytes()
+        for batch in ds.iter_batches(32, shuffle=True, generator=torch.Generator().manual_seed(1)):
+            peak = max(peak, _rss_bytes())
+        assert peak - before < 16 << 20, f"{ds.layout}: RSS grew by {(peak - before) >> 20} MB over a 64 MB pass"

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.utils import load_peft_weights  # noqa: E402
 
 from w2wlib.errors import LayoutError  # noqa: E402
-from w2wlib.lora import BatchedLora, LoraLayout  # noqa: E402
+from w2wlib.lora import BatchedLora, LoraLayout, sd15_layout  # noqa: E402
 from w2wlib.lora_io import (  # noqa: E402
     layout_from_weight_dimensions,
     load_diffusers_lora,
@@ -30,13 +30,6 @@ from w2wlib.lora_io import (  # noqa: E402
     vector_to_state_dict,
 )
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-)
 TINY_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -101,9 +94,7 @@ def bank_forward(unet, layout, W, x, t, c, index=None):
 
 
 def test_sd15_layout_on_meta_device():
-    with torch.device("meta"):
-        sd15 = UNet2DConditionModel(**SD15_UNET)
-    layout = LoraLayout.from_unet(sd15)
+    layout = sd15_layout()
     assert layout.dim == 99648
     # 16 transformer blocks x (attn1, attn2) x (to_q, to_v) = 64 Linears = 128 tensors
     assert len(layout.entries) == 64

@@ -10,9 +10,10 @@ import torch
 
 from w2wlib import ArtifactMissingError, W2WError
 from w2wlib.metrics import frechet_distance
+from w2wlib.stages import sha256, verify_manifest
 from w2wlib.world import build as B
 from w2wlib.world import pipeline as P
-from w2wlib.world.render import ATTRIBUTES, attributes, sample_identities
+from w2wlib.world.render import ATTRIBUTES, attributes, render_ids, sample_identities
 from w2wlib.world.text import VOCABULARY, attribute_prompt, check_prompt
 
 
@@ -58,16 +59,6 @@ def test_frechet_distance_matches_the_1d_formula():
         frechet_distance(a, torch.randn(5, 2))
 
 
-@pytest.fixture(scope="session")
-def micro_world(tmp_path_factory):
-    """A micro world built by the real CLI, once per test session."""
-    from w2wlib.cli import main
-
-    out = tmp_path_factory.mktemp("world")
-    assert main(["world", "build", "--config", "micro", "--out", str(out), "--device", "cpu"]) == 0
-    return out
-
-
 def test_micro_world_loads_with_plain_diffusers_and_generates(micro_world):
     from diffusers import StableDiffusionPipeline
 
@@ -86,7 +77,7 @@ def test_micro_world_manifest_and_gates(micro_world):
     assert manifest["command"].startswith("w2w world build") and "--config micro" in manifest["command"]
     assert set(manifest["build_seconds"]) == set(B.STAGES)
     assert {"pipeline/model_index.json", "identity_encoder/config.json", "quality.json"} <= set(manifest["files"])
-    assert B.verify_manifest(micro_world) == []
+    assert verify_manifest(micro_world) == []
     q = manifest["quality"]
     assert 0 <= q["identity_encoder"]["verification_auc"] <= 1 and q["samples"]["n"] == 8
     assert q["autoencoder"]["reconstruction_id_score"] > q["autoencoder"]["other_identity_id_score"]
@@ -95,13 +86,13 @@ def test_micro_world_manifest_and_gates(micro_world):
 def test_build_is_cached_and_tampering_is_detected(micro_world, tmp_path):
 
     manifest = B.build_world(micro_world, B.WorldConfig.preset("micro"), device=torch.device("cpu"), progress=False)
-    assert manifest["files"]["pipeline/model_index.json"]["sha256"] == B.sha256(micro_world / "pipeline" / "model_index.json")
+    assert manifest["files"]["pipeline/model_index.json"]["sha256"] == sha256(micro_world / "pipeline" / "model_index.json")
     copy = tmp_path / "w"
     import shutil
 
     shutil.copytree(micro_world, copy)
     (copy / "quality.json").write_text("{}")
-    assert B.verify_manifest(copy) == ["quality.json"]
+    assert verify_manifest(copy) == ["quality.json"]
 
 
 def test_missing_artifacts_name_the_build_command(tmp_path):
@@ -121,6 +112,59 @@ def test_autoencoder_stage_is_deterministic(tmp_path):
     cfg.autoencoder.steps = 3
     shas = []
     for name in ("a", "b"):
-        B.build_world(tmp_path / name, cfg, device=torch.device("cpu"), progress=False, stages=("autoencoder",))
-        shas.append(B.sha256(tmp_path / name / "_work" / "vae" / "diffusion_pytorch_model.safetensors"))
+        B.build_world(tmp_path / name, cfg, device=torch.device("cpu"), progress=False, stages=("teacher", "autoencoder"))
+        shas.append(sha256(tmp_path / name / "_work" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert shas[0] == shas[1]
+
+
+def test_the_shipped_mini_world_is_intact_loads_offline_and_generates_faces():
+    """data/world as committed: files match the manifest, plain diffusers runs it, the encoder verifies."""
+    from diffusers import StableDiffusionPipeline
+
+    from w2wlib import project_root
+    from w2wlib.world import check
+    from w2wlib.world.encoder import load_encoder, verification
+
+    world = project_root() / "data" / "world"
+    assert (world / "manifest.json").is_file(), "data/world has no manifest: run `w2w world build --config mini`"
+    assert verify_manifest(world) == []
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert manifest["config"]["name"] == "mini" and manifest["quality"]["identity_encoder"]["verification_auc"] >= 0.99
+    pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", local_files_only=True)
+    images = check.sample_base_model(pipe, 32, steps=10)                      # [32, 64, 64, 3] uint8
+    enc = load_encoder(world / "identity_encoder")
+    # the samples are faces: in the identity encoder's space they sit as close to fresh renders as other
+    # fresh renders do (uniform noise images sit ~4.5x farther, measured when the world was built)
+    z_r = enc.embed(render_ids(check.held_out_seeds(32, 0), np.arange(32)))
+    floor = frechet_distance(enc.embed(render_ids(check.held_out_seeds(32, 1), np.arange(32))), z_r)
+    assert images.std() > 20 and frechet_distance(enc.embed(images), z_r) < 2 * floor
+    assert verification(enc, n_identities=40, n_views=3)["auc"] >= 0.99       # fresh held-out identities
+
+
+def test_an_interrupted_stage_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """Kill the autoencoder stage right after a checkpoint; the resumed build equals a straight one."""
+    from w2wlib.stages import Stages
+
+    cfg = B.WorldConfig.preset("micro")
+    cfg.autoencoder.steps, cfg.autoencoder.checkpoint_every = 4, 2
+    stages = ("teacher", "autoencoder")
+    B.build_world(tmp_path / "straight", cfg, device=torch.device("cpu"), progress=False, stages=stages)
+    real = Stages.checkpointer
+
+    def dying(self, stage):
+        save = real(self, stage)
+
+        def save_and_die(step, state):
+            save(step, state)
+            raise KeyboardInterrupt(f"killed after the checkpoint at step {step}")
+        return save_and_die
+
+    monkeypatch.setattr(Stages, "checkpointer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        B.build_world(tmp_path / "cut", cfg, device=torch.device("cpu"), progress=False, stages=stages)
+    assert (tmp_path / "cut" / "_work" / "autoencoder.ckpt.pt").is_file()
+    monkeypatch.setattr(Stages, "checkpointer", real)
+    B.build_world(tmp_path / "cut", cfg, device=torch.device("cpu"), progress=False, stages=stages)
+    vae = "_work/vae/diffusion_pytorch_model.safetensors"
+    assert sha256(tmp_path / "cut" / vae) == sha256(tmp_path / "straight" / vae)
+    assert not (tmp_path / "cut" / "_work" / "autoencoder.ckpt.pt").exists()

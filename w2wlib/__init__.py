@@ -25,4 +25,23 @@ __all__ = [
     "load_profile",
     "list_profiles",
     "project_root",
+    "WeightSpace",
+    "PCASpace",
+    "VAESpace",
+    "VAEConfig",
+    "load_space",
+    "TrainConfig",
+    "train_vae",
 ]
+
+# Imported on first use, so that `import w2wlib` (the CLI, profiles) does not import torch.
+_LAZY = {"WeightSpace": "spaces", "PCASpace": "spaces", "VAESpace": "spaces", "VAEConfig": "spaces",
+         "load_space": "spaces", "TrainConfig": "train", "train_vae": "train"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'w2wlib' has no attribute {name!r}")

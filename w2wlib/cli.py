@@ -4,6 +4,9 @@
     w2w run NOTEBOOK [--profile P] [-p KEY VALUE ...] [-o OUT]    run one notebook in batch
     w2w world build [--config mini|micro] [--out DIR]            build the mini world (resumable)
     w2w world check [--out DIR]                                   its quality gates, as JSON
+    w2w dataset build [--config mini|micro] [--out DIR] [--world DIR]  train the identity LoRAs (resumable;
+                                                                  under `accelerate launch` shards split across processes)
+    w2w spaces build [--config mini|micro] [--out DIR] [--dataset DIR]  fit the PCA, train the VAE (resumable)
     w2w profiles                                                  list profiles and their settings
 """
 
@@ -81,13 +84,52 @@ def _cmd_world(args: argparse.Namespace) -> int:
         print(json.dumps(manifest["quality"], indent=1))
         print(f"world built in {out}")
     else:
+        from .stages import verify_manifest
         from .world.check import quality_gates
 
         print(json.dumps(quality_gates(out, device=profile.device), indent=1))
-        bad = B.verify_manifest(out) if (out / "manifest.json").is_file() else ["manifest.json (missing)"]
+        bad = verify_manifest(out) if (out / "manifest.json").is_file() else ["manifest.json (missing)"]
         if bad:
             print(f"files that do not match the manifest: {bad}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _builder_paths(args: argparse.Namespace, out_key: str, input_flag: str, input_key: str):
+    """(profile, out, input folder, the exact command) of a `w2w dataset|spaces build` call."""
+    from .profile import load_profile
+
+    profile = load_profile(args.profile, {"device": args.device} if args.device else None)
+    out = Path(args.out) if args.out else profile.path(out_key)
+    given = getattr(args, input_flag)
+    source = Path(given) if given else profile.path(input_key)
+    command = (f"w2w {args.command} build --config {args.config} --out {out} --{input_flag} {source}"
+               + (f" --device {args.device}" if args.device else ""))
+    return profile, out, source, command
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    import json
+
+    from .dataset_build import DatasetConfig, build_dataset
+
+    profile, out, world, command = _builder_paths(args, "dataset_dir", "world", "world_dir")
+    manifest = build_dataset(out, DatasetConfig.preset(args.config), world, device=profile.device, command=command)
+    if manifest:
+        print(json.dumps(manifest["oracle"], indent=1))
+        print(f"dataset built in {out}")
+    return 0
+
+
+def _cmd_spaces(args: argparse.Namespace) -> int:
+    import json
+
+    from .spaces.build import SpacesConfig, build_spaces
+
+    profile, out, dataset, command = _builder_paths(args, "spaces_dir", "dataset", "dataset_dir")
+    manifest = build_spaces(out, SpacesConfig.preset(args.config), dataset, device=profile.device, command=command)
+    print(json.dumps(manifest["results"], indent=1))
+    print(f"spaces built in {out}")
     return 0
 
 
@@ -116,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override the profile's device (cpu, cuda)")
     p.add_argument("--stage", action="append", help="run only this stage (repeatable); finished stages are cached anyway")
     p.set_defaults(func=_cmd_world)
+
+    for name, what, source, func in (
+            ("dataset", "build the weights dataset: one DreamBooth-LoRA per identity of the mini world",
+             ("world", "the mini world to train on", "world_dir"), _cmd_dataset),
+            ("spaces", "fit the PCA (w2w) and train the VAE (w2w++) of a weights dataset",
+             ("dataset", "the weights dataset", "dataset_dir"), _cmd_spaces)):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("action", choices=["build"])
+        p.add_argument("--config", default="mini", choices=["mini", "micro"], help="sizes (micro: tiny, for tests)")
+        p.add_argument("--out", help=f"output folder (default: the profile's {name}_dir)")
+        p.add_argument(f"--{source[0]}", help=f"{source[1]} (default: the profile's {source[2]})")
+        p.add_argument("--profile", default="mini")
+        p.add_argument("--device", help="override the profile's device (cpu, cuda)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("profiles", help="list the shipped profiles and their settings")
     p.set_defaults(func=_cmd_profiles)

@@ -29,6 +29,12 @@ Memory-mapping: ours maps ``all_weights.safetensors`` with ``torch.UntypedStorag
 file is opened with ``torch.load(weights_only=True, mmap=True)``. Pages are read only when rows are
 touched, so opening a 26 GB file is instant, and writing to ``ds.weights`` never reaches the file.
 
+Reading: :meth:`WeightsDataset.rows` (and everything built on it: ``iter_batches``, the trainer, the
+streaming PCA) does not fault the mapping in. It reads the rows' bytes from the file with ``os.preadv``
+into a fresh buffer (at the data offset found in the safetensors header, or in the zip record of the
+``.pt`` file), so the process's resident memory holds only the batch: a pass over a 26 GB file keeps RSS
+bounded, while the kernel's page cache still serves repeated passes.
+
 Example:
     >>> ds = open_weights("data/dataset")                      # doctest: +SKIP
     >>> len(ds), ds.dim                                         # doctest: +SKIP
@@ -115,7 +121,64 @@ def _mmap_safetensors(path: Path, name: str = "weights") -> tuple[torch.Tensor, 
                        f"w2wlib.data.save_weights or safetensors >= 0.4.")
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE mmap
     raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+    meta["_data_offset"] = str(begin)
     return raw[begin:begin + end - start].view(dtype).view(shape), meta
+
+
+class _RowFile:
+    """Rows of a row-major ``[N, D]`` matrix stored at byte ``offset`` of ``path``, read with ``os.preadv``.
+
+    Reading never touches a memory mapping, so resident memory holds only what is returned.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int], dtype: torch.dtype):
+        self.path, self.offset, (self.n, self.d), self.dtype = path, offset, shape, dtype
+        self.row_bytes = self.d * torch.empty((), dtype=dtype).element_size()
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, in range) as ``[len(rows), D]`` in the file's dtype."""
+        out = torch.empty(rows.numel(), self.d, dtype=self.dtype)
+        if not rows.numel():
+            return out
+        buf = out.view(torch.uint8).numpy().reshape(rows.numel(), self.row_bytes)
+        r = rows.numpy()
+        cuts = np.flatnonzero(np.diff(r) != 1) + 1                     # runs of consecutive rows
+        with open(self.path, "rb", buffering=0) as f:
+            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(r)]):
+                want, pos = (hi - lo) * self.row_bytes, self.offset + int(r[lo]) * self.row_bytes
+                view = memoryview(buf[lo:hi]).cast("B")
+                done = 0
+                while done < want:                                     # preadv may return short counts
+                    got = os.preadv(f.fileno(), [view[done:]], pos + done)
+                    if got <= 0:
+                        raise W2WError(f"{self.path} ended early while reading rows {int(r[lo])}..{int(r[hi - 1])}: "
+                                       f"the file is truncated.")
+                    done += got
+        return out
+
+
+def _pt_row_file(path: Path, t: torch.Tensor) -> _RowFile | None:
+    """The :class:`_RowFile` of tensor ``t`` loaded with ``torch.load(path, mmap=True)``; None if not locatable."""
+    import zipfile
+
+    if not t.is_contiguous():
+        return None
+    nbytes = t.untyped_storage().nbytes()
+    try:
+        with zipfile.ZipFile(path) as z:
+            hits = [i for i in z.infolist() if "/data/" in i.filename and i.file_size == nbytes
+                    and i.compress_type == zipfile.ZIP_STORED]
+        if len(hits) != 1:
+            return None
+        with open(path, "rb") as f:                                    # the local header gives the data offset
+            f.seek(hits[0].header_offset)
+            head = f.read(30)
+        if head[:4] != b"PK\x03\x04":
+            return None
+        data = hits[0].header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return _RowFile(path, data + t.storage_offset() * t.element_size(), tuple(t.shape), t.dtype)
 
 
 def _bad_rows(block: torch.Tensor, offset: int) -> list[int]:
@@ -183,9 +246,11 @@ class WeightsDataset:
             raise W2WError(f"layout must be 'ours' or 'w2w', not {self.layout!r}.")
         self.trust_pickles = trust_pickles
         self.identity_seeds: list[int] | None = None
+        self.dataset_id: str | None = None   # the id every file of one save carries (ours); None for w2w's
         self.extra: dict[str, Any] = {}
         self._attributes: dict[str, np.ndarray] | None = None
         self._layout_dict: dict | None = None
+        self._file: _RowFile | None = None  # direct reads of all_weights (None: read through the mapping)
         (self._open_ours if self.layout == "ours" else self._open_w2w)()
         self._validate()
         logger.info("Opened %s weights dataset %s: %d x %d %s", self.layout, self.folder, len(self), self.dim,
@@ -213,6 +278,9 @@ class WeightsDataset:
         from safetensors import safe_open
 
         self.weights, meta = _mmap_safetensors(paths["weights"])          # [N, D], mmap
+        if self.weights.dim() == 2:
+            self._file = _RowFile(paths["weights"], int(meta.pop("_data_offset")), tuple(self.weights.shape),
+                                  self.weights.dtype)
         ids = {"all_weights.safetensors": meta.get("dataset_id")}
         for key in ("mean", "std"):
             with safe_open(str(paths[key]), framework="pt") as f:
@@ -226,6 +294,7 @@ class WeightsDataset:
             raise W2WError(f"The files in {self.folder} come from different saves (dataset_id {ids}): a crash "
                            f"during save_weights, or files mixed from two datasets; {_BUILD_OURS}.")
         self.identity_seeds, self.extra = info.get("identity_seeds"), info.get("extra") or {}
+        self.dataset_id = info.get("dataset_id")
         wd = json.loads(paths["weight_dimensions"].read_text(encoding="utf-8"))
         self.weight_dimensions = [(k, tuple(s)) for k, s in wd]
         self._layout_dict = json.loads(paths["layout"].read_text(encoding="utf-8"))
@@ -261,6 +330,8 @@ class WeightsDataset:
         except (TypeError, IndexError, ValueError) as err:
             raise LayoutError(f"{paths['weight_dimensions']} entries are not key -> [[numel], shape].") from err
         self._w2w_wd, self._paths = wd, paths
+        if self.weights.dim() == 2:
+            self._file = _pt_row_file(paths["weights"], self.weights)
         csv_path = paths["weights"].parent / OURS_FILES["attributes"]
         csv_path = next((p for p in (csv_path, self.folder / OURS_FILES["attributes"]) if p.is_file()), None)
         if csv_path is not None:
@@ -290,6 +361,10 @@ class WeightsDataset:
             raise W2WError(f"all_weights in {self.folder} has no rows.")
         if self.identity_seeds is not None and len(self.identity_seeds) != n:
             raise W2WError(f"identities.json lists {len(self.identity_seeds):,} seeds for {n:,} rows.")
+        if self._file is not None and not torch.equal(self._file.read(torch.tensor([0, n - 1])), w[[0, n - 1]]):
+            logger.warning("%s: direct reads of all_weights disagree with the mapping; reading through the "
+                           "mapping instead (resident memory then grows with the rows read)", self.folder)
+            self._file = None
         rows = _bad_rows(w[[0, n - 1]], 0)
         if rows:
             raise W2WError(f"Row {[0, n - 1][rows[0]]} of all_weights has NaN/inf; run ds.check_finite() to "
@@ -311,7 +386,7 @@ class WeightsDataset:
         """A float32 copy of the chosen rows, ``[len(idx), D]`` (an int gives ``[1, D]``)."""
         n = len(self)
         if isinstance(idx, slice):
-            return self.weights[idx].to(torch.float32, copy=True)
+            idx = torch.arange(n)[idx]
         t = torch.as_tensor(np.asarray(idx) if not isinstance(idx, torch.Tensor) else idx).reshape(-1)
         if t.dtype == torch.bool:
             if t.numel() != n:
@@ -323,7 +398,10 @@ class WeightsDataset:
         t = t % n if n else t
         order = torch.argsort(t)  # read the file in increasing order, return in the order asked
         out = torch.empty(t.numel(), self.dim, dtype=torch.float32)
-        out[order] = self.weights.index_select(0, t[order]).float()
+        if self._file is not None:
+            out[order] = self._file.read(t[order]).float()
+        else:
+            out[order] = self.weights.index_select(0, t[order]).float()
         return out
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -348,7 +426,7 @@ class WeightsDataset:
         """Scan every row; raise W2WError naming the first rows with NaN/inf."""
         bad: list[int] = []
         for s in tqdm(range(0, len(self), batch_size), desc="check_finite", unit="batch", disable=None):
-            bad += _bad_rows(self.weights[s:s + batch_size], s)
+            bad += _bad_rows(self.rows(slice(s, s + batch_size)), s)
         if bad:
             raise W2WError(f"{len(bad):,} row(s) of all_weights in {self.folder} have NaN/inf, first rows "
                            f"{bad[:10]}; drop them or rebuild those identities.")

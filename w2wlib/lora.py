@@ -48,6 +48,8 @@ __all__ = [
     "LoraLayout",
     "BatchedLora",
     "peft_file_order",
+    "SD15_UNET_CONFIG",
+    "sd15_layout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,6 +177,29 @@ class LoraLayout:
             raise LayoutError(f"No nn.Linear named {list(target_modules)} in this model.")
         order = peft_file_order(found)
         return cls.from_modules([(m, *found[m]) for m in order], rank, alpha, target_modules)
+
+
+# Stable Diffusion 1.5's UNet2DConditionModel config (the architecture fields; the rest are diffusers' defaults).
+SD15_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+)
+
+
+def sd15_layout(target_modules: Sequence[str] = ("to_q", "to_v"), rank: int = 1, alpha: float = 27.0) -> LoraLayout:
+    """The LoRA layout of SD 1.5's UNet without downloading it (built on the meta device): D = 99,648 for w2w's.
+
+    Example:
+        >>> sd15_layout().dim
+        99648
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    return LoraLayout.from_unet(unet, target_modules, rank, alpha)
 
 
 def _peft_key(module: str, ab: str) -> str:

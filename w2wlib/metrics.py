@@ -3,6 +3,10 @@
 ``frechet_distance`` is FID's formula on any features; the book computes it in the identity encoder's
 embedding space (``fid_identity``), the mini world's analogue of FID's Inception features.
 
+``functional_id_scores`` is the seeds' ID score applied to weights: generate images with each identity's
+LoRA and compare them, through the identity encoder, with that identity's evaluation renders. It
+scores the dataset's LoRAs (the oracle) and the weights a space reconstructs or an inversion finds.
+
 Example:
     >>> import torch
     >>> x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
@@ -16,7 +20,7 @@ import torch
 
 from .errors import W2WError
 
-__all__ = ["frechet_distance"]
+__all__ = ["frechet_distance", "identity_scores", "functional_id_scores"]
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -38,3 +42,41 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     root_a = _sqrtm_psd(s_a)
     cross = _sqrtm_psd(root_a @ s_b @ root_a)
     return float((mu_a - mu_b).square().sum() + torch.trace(s_a + s_b - 2 * cross))
+
+
+def identity_scores(encoder, images, renders, n_images: int, n_renders: int) -> torch.Tensor:
+    """Per identity, the mean cosine between its ``n_images`` images and its ``n_renders`` renders: ``[G]``.
+
+    ``images`` ``[G * n_images, ...]`` and ``renders`` ``[G * n_renders, ...]`` are row-major by identity
+    (uint8 HWC or float CHW in [-1, 1], as the encoder takes them).
+    """
+    zi, zr = encoder.embed(images), encoder.embed(renders)              # [G*n, E], [G*m, E]
+    g = len(zi) // n_images
+    if len(zi) != g * n_images or len(zr) != g * n_renders:
+        raise W2WError(f"{len(zi)} images and {len(zr)} renders do not split into identities of "
+                       f"{n_images} and {n_renders}")
+    return torch.einsum("gie,gre->g", zi.view(g, n_images, -1), zr.view(g, n_renders, -1)) / (n_images * n_renders)
+
+
+def functional_id_scores(pipe, encoder, W: torch.Tensor | None, identity_seeds, *, n_images: int = 4,
+                         n_renders: int = 4, seed: int = 0, steps: int = 25, guidance: float = 4.0,
+                         prompt: str = "a photo of sks person", layout=None, progress: bool = False) -> torch.Tensor:
+    """ID score ``[G]`` of images generated from ``W [G, D]`` against renders of ``identity_seeds`` (``[G]``).
+
+    ``W=None`` scores the base model (the same ``n_images`` for every identity): the floor a LoRA must
+    beat. Renders are evaluation views (image seeds from ``EVAL_VIEWS``), never training images.
+    """
+    import numpy as np
+
+    from .generate import generate
+    from .world.render import EVAL_VIEWS, identity_views
+
+    seeds = [int(s) for s in identity_seeds]
+    if W is not None and len(W) != len(seeds):
+        raise W2WError(f"W has {len(W)} rows but {len(seeds)} identity seeds were given; one seed per row")
+    kw = dict(prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance, progress=progress)
+    if W is None:
+        images = np.tile(generate(pipe, None, **kw), (len(seeds), 1, 1, 1))
+    else:
+        images = generate(pipe, W, layout=layout, **kw)
+    return identity_scores(encoder, images, identity_views(seeds, n_renders, EVAL_VIEWS), n_images, n_renders)

@@ -21,7 +21,7 @@ import torch
 from ..metrics import frechet_distance
 from . import encoder as E
 from . import pipeline as P
-from .render import ATTRIBUTES, attribute_prior, render_ids
+from .render import ATTRIBUTES, attribute_prior, held_out_seeds, render_ids
 
 __all__ = ["quality_gates", "sample_base_model", "reconstruct", "nearest_training_identities", "held_out_seeds"]
 
@@ -38,11 +38,6 @@ def sample_base_model(pipe, n: int, *, prompt: str = "a photo of a person", seed
                     generator=gen, output_type="np").images
         out.append((imgs * 255).round().astype(np.uint8))
     return np.concatenate(out)
-
-
-def held_out_seeds(n: int, seed: int) -> np.ndarray:
-    """``n`` distinct identity seeds that no model of the mini world was trained on."""
-    return E.HELD_OUT_BASE + np.random.default_rng(seed).choice(E.HELD_OUT_BASE, n, replace=False)
 
 
 @torch.no_grad()

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from w2wlib.errors import ArtifactMissingError, W2WError
 from w2wlib.viz import to_tensor
-from w2wlib.world.render import (ATTRIBUTES, FACTOR_NAMES, attributes, render, render_ids,
-                                 sample_identities)
+from w2wlib.world.render import (ATTRIBUTES, FACTOR_NAMES, HELD_OUT_BASE, attributes, held_out_seeds, render,
+                                 render_ids, sample_identities)
 
 __all__ = ["HELD_OUT_BASE", "EncoderConfig", "IdentityEncoder", "train_encoder", "verification",
            "roc_auc", "roc_curve", "id_score", "pairwise_id_scores", "save_encoder",
@@ -49,7 +49,6 @@ __all__ = ["HELD_OUT_BASE", "EncoderConfig", "IdentityEncoder", "train_encoder",
 
 log = logging.getLogger(__name__)
 
-HELD_OUT_BASE = 10**9        # identity seeds >= this are never trained on (evaluation only)
 SIZE = 64                    # the encoder's input resolution; other sizes are resized to it
 WEIGHTS, CONFIG = "identity_encoder.safetensors", "config.json"
 _BUILD = "w2w world build"
@@ -491,7 +490,7 @@ def verification(encoder: IdentityEncoder, n_identities: int = 200, n_views: int
         raise W2WError(f"verification needs >= 2 identities and >= 2 views, got "
                        f"{n_identities} and {n_views}")
     rng = np.random.default_rng([seed, 0x5EED])
-    ids = HELD_OUT_BASE + rng.choice(HELD_OUT_BASE, n_identities, replace=False)
+    ids = held_out_seeds(n_identities, rng)
     ids = np.repeat(ids, n_views)                                       # [N*V]
     imgs = render_ids(ids, rng.integers(0, 2**31, len(ids)))            # [N*V, 64, 64, 3]
     z = encoder.embed(imgs).double()                                    # [N*V, E]

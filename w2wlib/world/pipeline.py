@@ -17,6 +17,7 @@ The result loads with plain ``StableDiffusionPipeline.from_pretrained(folder)``,
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,7 @@ class AutoencoderConfig:
     edge_weight: float = 1.0    # L1 on image gradients: keeps eyes, brows and glasses sharp
     face_weight: float = 2.0    # extra weight on the person mask: identity lives in the face
     init_logvar: float = -8.0   # initial posterior log-variance (see train_autoencoder)
+    id_weight: float = 1.0      # weight of 1 - cos(teacher(rec), teacher(x)) when a teacher encoder is given
     checkpoint_every: int = 100 # steps between resumable checkpoints
     seed: int = 0
 
@@ -122,7 +124,8 @@ def make_schedulers():
 
 def _optimiser(params, lr: float, steps: int):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    # math, not numpy: the schedule state must hold plain floats to reload with torch.load(weights_only=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     return opt, sched
 
 
@@ -131,10 +134,14 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_autoencoder(cfg: AutoencoderConfig, *, device: torch.device, progress: bool = True,
-                      checkpoint: Callable[[int, dict], None] | None = None, state: dict | None = None):
+                      checkpoint: Callable[[int, dict], None] | None = None, state: dict | None = None,
+                      teacher: torch.nn.Module | None = None):
     """Train the AutoencoderKL on fresh renders; returns it with ``scaling_factor`` set from the data.
 
     ``checkpoint(step, state)`` is called every ``cfg.checkpoint_every`` steps with a resumable state; pass it back as ``state``.
+    ``teacher`` (an :class:`~w2wlib.world.encoder.IdentityEncoder`, frozen) adds the identity loss
+    ``cfg.id_weight * (1 - cos(teacher(rec), teacher(x)))``: pixel losses alone leave eyes, glasses and
+    mouths faint for thousands of steps (``benchmarks/ae_recipe.md``); the identity loss sharpens them early.
     """
     from tqdm.auto import tqdm
 
@@ -147,6 +154,8 @@ def train_autoencoder(cfg: AutoencoderConfig, *, device: torch.device, progress:
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:] = cfg.init_logvar
     opt, sched = _optimiser(vae.parameters(), cfg.lr, cfg.steps)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     start = 0
     if state:
         vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
@@ -154,17 +163,23 @@ def train_autoencoder(cfg: AutoencoderConfig, *, device: torch.device, progress:
     vae.train()
     bar = tqdm(range(start, cfg.steps), desc="autoencoder", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, step])  # per-step stream: resuming replays the same data
+        # per-step streams (data and posterior noise): a resumed run replays exactly what a straight one draws
+        rng = np.random.default_rng([cfg.seed, step])
         ids = rng.integers(0, cfg.n_identities, cfg.batch)
         imgs, mask = render.render_ids(ids, rng.integers(0, 2**31, cfg.batch), return_mask=True)
         x = to_tensor(imgs).to(device)                                                             # [B,3,64,64]
         w = 1.0 + cfg.face_weight * torch.from_numpy(mask).to(device)[:, None]                    # [B,1,64,64]
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        gen = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
+        rec = vae.decode(post.sample(generator=gen)).sample
         loss = (w * (rec - x).abs()).mean()
         for d_rec, d_x in zip(_edges(rec), _edges(x)):
             loss = loss + cfg.edge_weight * (d_rec - d_x).abs().mean()
         loss = loss + cfg.kl_weight * post.kl().mean()
+        if teacher is not None and cfg.id_weight:
+            with torch.no_grad():
+                z_x = teacher(x)[0]                                                                # [B, E]
+            loss = loss + cfg.id_weight * (1 - (teacher(rec)[0] * z_x).sum(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

@@ -25,7 +25,8 @@ import numpy as np
 from w2wlib.errors import W2WError
 
 __all__ = ["FACTOR_NAMES", "ATTRIBUTES", "ATTRIBUTE_PHRASES", "Factors", "sample_identities",
-           "attributes", "attribute_prior", "render", "render_ids"]
+           "attributes", "attribute_prior", "render", "render_ids", "identity_views", "held_out_seeds",
+           "EVAL_VIEWS", "HELD_OUT_BASE"]
 
 FACTOR_NAMES: tuple[str, ...] = (
     "sex", "age", "face_width", "face_height", "jaw", "skin_tone", "hair_color", "hair_shade",
@@ -510,3 +511,31 @@ def _bench(n: int = 512) -> None:
 
 if __name__ == "__main__":
     _bench()
+
+
+EVAL_VIEWS = 10**6      # image seeds >= this are evaluation views: no model of this project trains on them
+HELD_OUT_BASE = 10**9   # identity seeds >= this are held out: no model of this project trains on them
+
+
+def held_out_seeds(n: int, rng: int | Sequence[int] | np.random.Generator) -> np.ndarray:
+    """``n`` distinct held-out identity seeds (>= :data:`HELD_OUT_BASE`), drawn with ``rng`` (or a seed for one).
+
+    Example:
+        >>> bool((held_out_seeds(3, 0) >= HELD_OUT_BASE).all())
+        True
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    return HELD_OUT_BASE + rng.choice(HELD_OUT_BASE, n, replace=False)
+
+
+def identity_views(identity_seeds: Sequence[int] | np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """``n`` images of each identity, image seeds ``start .. start+n-1``: uint8 ``[G * n, 64, 64, 3]``, row-major.
+
+    Training views start at 0; evaluation views at :data:`EVAL_VIEWS`.
+
+    Example:
+        >>> identity_views([3, 4], 2).shape
+        (4, 64, 64, 3)
+    """
+    ids = np.asarray(identity_seeds, dtype=np.int64)
+    return render_ids(np.repeat(ids, n), np.tile(start + np.arange(n), len(ids)))

@@ -1,0 +1,72 @@
+"""Images from weights: ``generate`` against diffusers' own LoRA loading, and the functional ID score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from w2wlib import W2WError
+from w2wlib.generate import generate, image_generator
+from w2wlib.lora import LoraLayout
+from w2wlib.lora_io import save_diffusers_lora
+from w2wlib.metrics import functional_id_scores, identity_scores
+
+
+@pytest.fixture(scope="module")
+def pipe(micro_world):
+    from w2wlib.world.pipeline import load_pipeline
+
+    p = load_pipeline(micro_world / "pipeline")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def W(pipe):
+    layout = LoraLayout.from_unet(pipe.unet)
+    return torch.randn(3, layout.dim, generator=torch.Generator().manual_seed(0)) * 0.05     # [3, D]
+
+
+def test_each_row_matches_diffusers_load_lora_weights(pipe, W, tmp_path):
+    """Row g, generated in a batch of LoRAs, equals a plain pipeline call with that LoRA loaded by diffusers."""
+    kw = dict(prompt="a photo of sks person", n_per_row=2, seed=3, steps=3, guidance=3.0)
+    out = generate(pipe, W, batch=4, **kw)                                     # [6, 64, 64, 3], row-major
+    assert out.shape == (6, 64, 64, 3) and out.dtype == np.uint8
+    layout = LoraLayout.from_unet(pipe.unet)
+    for g in (0, 2):
+        save_diffusers_lora(W[g], layout, tmp_path / f"row{g}")
+        pipe.load_lora_weights(str(tmp_path / f"row{g}"), adapter_name=f"row{g}")
+        try:
+            ref = pipe(["a photo of sks person"] * 2, height=64, width=64, num_inference_steps=3, guidance_scale=3.0,
+                       generator=[image_generator(3, j) for j in range(2)], output_type="np").images
+        finally:
+            pipe.unload_lora_weights()
+        diff = np.abs(out[2 * g:2 * g + 2].astype(int) - (ref * 255).round().astype(int))
+        assert diff.max() <= 2, f"row {g}: max pixel difference {diff.max()}"
+    # batch size does not change anything, and the pipeline is left without hooks
+    assert np.array_equal(out, generate(pipe, W, batch=6, **kw))
+    base = generate(pipe, None, **kw)
+    assert base.shape == (2, 64, 64, 3) and not np.array_equal(base, out[:2])
+    assert np.array_equal(base, generate(pipe, None, **kw))
+
+
+def test_functional_id_scores_pair_images_with_their_identity(pipe, W, micro_world):
+    from w2wlib.world.encoder import load_encoder
+    from w2wlib.world.render import EVAL_VIEWS, identity_views
+
+    enc = load_encoder(micro_world / "identity_encoder")
+    seeds = [10**9 + 1, 10**9 + 2, 10**9 + 3]
+    scores = functional_id_scores(pipe, enc, W, seeds, n_images=2, n_renders=2, steps=2)
+    assert scores.shape == (3,)
+    # the reference: mean cosine between each row's images and its identity's evaluation renders
+    imgs = generate(pipe, W, n_per_row=2, steps=2)
+    z_i = enc.embed(imgs).view(3, 2, -1)
+    z_r = enc.embed(identity_views(seeds, 2, EVAL_VIEWS)).view(3, 2, -1)
+    ref = torch.stack([(z_i[g] @ z_r[g].T).mean() for g in range(3)])
+    torch.testing.assert_close(scores, ref, atol=1e-5, rtol=0)
+    # renders scored against themselves: the same-identity similarity of the encoder
+    renders = identity_views(seeds, 2, EVAL_VIEWS)
+    assert (identity_scores(enc, renders, renders, 2, 2) > 0.5).all()
+    with pytest.raises(W2WError, match="one seed per row"):
+        functional_id_scores(pipe, enc, W, seeds[:2])

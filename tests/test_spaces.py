@@ -1,0 +1,285 @@
+"""Tests of w2wlib.spaces: PCA against numpy's SVD, the VAE's loss, save/load round trips, error paths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from w2wlib.data import save_weights
+from w2wlib.errors import ArtifactMissingError, W2WError
+from w2wlib.lora import LoraLayout
+from w2wlib.spaces import PCASpace, VAEConfig, VAESpace, WeightSpace, active_units, load_space
+from w2wlib.spaces.base import CONFIG_FILE, TENSORS_FILE
+
+MODULES = [("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 64, 64),
+           ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", 64, 64)]  # rank 1: D = 256
+
+
+def low_rank(n: int, d: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """Standardised-looking rows: a decaying rank-``rank`` signal plus isotropic noise, column-centred."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(n, rank, generator=g), torch.linalg.qr(torch.randn(d, rank, generator=g)).Q
+    x = (u * torch.linspace(10, 2, rank)) @ v.T + noise * torch.randn(n, d, generator=g)
+    return x - x.mean(0)
+
+
+def assert_same_up_to_sign(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
+    sign = torch.sign((a * b).sum(0))                                  # [k]
+    torch.testing.assert_close(a * sign, b, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    layout = LoraLayout.from_modules(MODULES, rank=1, alpha=27.0, target_modules=("to_q", "to_v"))
+    raw = low_rank(120, layout.dim, 6, 0.1, seed=3) * 0.02 + torch.linspace(-0.1, 0.1, layout.dim)
+    return save_weights(tmp_path_factory.mktemp("ds"), raw, layout)
+
+
+# ---------------------------------------------------------------------- PCA
+
+
+def test_exact_pca_matches_numpy_svd():
+    x = low_rank(80, 50, 6, 0.3)
+    k = 8
+    space = PCASpace.fit(x, k, method="exact")
+    _, s, vt = np.linalg.svd(x.double().numpy(), full_matrices=False)
+    assert_same_up_to_sign(space.components, torch.from_numpy(vt[:k].T).float(), atol=1e-5)
+    np.testing.assert_allclose(space.singular_values.numpy(), s[:k], rtol=1e-5)
+    coeffs = x.double().numpy() @ vt[:k].T                             # [N, k] reference coefficients
+    np.testing.assert_allclose(space.coeff_std.numpy(), coeffs.std(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(space.explained_variance_ratio.numpy(), s[:k] ** 2 / (s ** 2).sum(), rtol=1e-5)
+    torch.testing.assert_close(space.encode(x).abs(), torch.from_numpy(coeffs).float().abs(), atol=1e-4, rtol=0)
+
+
+def test_randomized_pca_matches_exact_on_low_rank_plus_noise():
+    x = low_rank(300, 200, 8, 0.05, seed=1)
+    exact = PCASpace.fit(x, 8, method="exact")
+    rand = PCASpace.fit(x, 8, method="randomized", batch_size=64, seed=5)
+    assert rand.method == "randomized"
+    torch.testing.assert_close(rand.singular_values, exact.singular_values, rtol=1e-4, atol=0)
+    assert_same_up_to_sign(rand.components, exact.components, atol=1e-3)
+    torch.testing.assert_close(rand.coeff_std, exact.coeff_std, rtol=1e-3, atol=0)
+    torch.testing.assert_close(rand.coeff_mean.abs(), exact.coeff_mean.abs(), atol=1e-3, rtol=0)
+    assert rand.total_variance == pytest.approx(exact.total_variance, rel=1e-6)
+
+
+def test_full_rank_round_trip_is_exact():
+    x = torch.randn(40, 25, generator=torch.Generator().manual_seed(0))
+    space = PCASpace.fit(x, 25)
+    torch.testing.assert_close(space.decode(space.encode(x)), x, atol=2e-5, rtol=0)
+    assert float(space.explained_variance_ratio.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_pca_from_a_dataset_keeps_its_statistics_and_maps_raw_weights(dataset):
+    from w2wlib.data import open_weights
+
+    ds = open_weights(dataset)
+    rows = list(range(0, 120, 2))
+    space = PCASpace.fit(ds, 6, rows=rows, method="randomized", batch_size=16)
+    ref = PCASpace.fit(ds.standardise(ds.rows(rows)), 6, method="exact")
+    torch.testing.assert_close(space.singular_values, ref.singular_values, rtol=1e-3, atol=0)
+    assert torch.equal(space.mean, ds.mean) and torch.equal(space.std, ds.std)
+    raw = ds.rows([1, 3])
+    torch.testing.assert_close(space.encode_weights(raw), space.encode(ds.standardise(raw)))
+    rebuilt = space.decode_weights(space.encode_weights(raw))       # 6 components of a rank-6 signal + noise
+    assert (rebuilt - raw).square().mean() < 0.2 * (raw - ds.mean).square().mean()
+    with pytest.raises(W2WError, match="no dataset mean/std"):
+        ref.encode_weights(raw)
+
+
+def test_pca_sampling_follows_each_coefficients_gaussian():
+    x = low_rank(200, 30, 4, 0.2)
+    space = PCASpace.fit(x, 4)
+    z = space.sample(20000, torch.Generator().manual_seed(0), scale=2.0)
+    torch.testing.assert_close(z.std(0), 2 * space.coeff_std, rtol=0.03, atol=0)
+    torch.testing.assert_close(z.mean(0), space.coeff_mean, atol=0.05 * float(space.coeff_std.max()), rtol=0)
+    a = space.sample_weights(3, torch.Generator().manual_seed(1))
+    b = space.sample_weights(3, torch.Generator().manual_seed(1))
+    assert a.shape == (3, 30) and torch.equal(a, b)
+    t = space.truncated(2)
+    assert t.latent_dim == 2 and torch.equal(t.components, space.components[:, :2])
+
+
+def test_interpolate_includes_both_ends_and_is_linear():
+    space = PCASpace.fit(torch.randn(30, 10, generator=torch.Generator().manual_seed(0)), 3)
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[-1.0, 0.0, 5.0]])
+    path = space.interpolate(a, b, 5)
+    assert path.shape == (5, 3)
+    assert torch.equal(path[0], a) and torch.equal(path[-1], b[0])
+    torch.testing.assert_close(path[2], (a + b[0]) / 2)
+    with pytest.raises(W2WError, match="steps >= 2"):
+        space.interpolate(a, b, 1)
+    with pytest.raises(W2WError, match=r"\[N, 3\] latents"):
+        space.interpolate(torch.zeros(4), b, 3)
+
+
+def test_pca_bad_inputs_say_how_to_fix():
+    x = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(W2WError, match=r"at most min\(N, D\) = 10: choose 1 <= k <= 10"):
+        PCASpace.fit(x, 11)
+    with pytest.raises(W2WError, match="method must be"):
+        PCASpace.fit(x, 2, method="svd")
+    bad = x.clone()
+    bad[[3, 7], 2] = float("nan")
+    with pytest.raises(W2WError, match=r"Row\(s\) \[3, 7\].*NaN"):
+        PCASpace.fit(bad, 2)
+    space = PCASpace.fit(x, 2)
+    with pytest.raises(W2WError, match="has 9 columns but this PCASpace has D=10"):
+        space.encode(x[:, :9])
+    with pytest.raises(W2WError, match=r"NaN/inf in 2 row\(s\) \(first \[3, 7\]\)"):
+        space.encode(bad)
+    with pytest.raises(W2WError, match=r"must be \[N, 2\] latents"):
+        space.decode(torch.zeros(3, 5))
+    with pytest.raises(W2WError, match="standardised"):
+        PCASpace.fit([[1.0, 2.0]], 1)
+
+
+# ---------------------------------------------------------------------- save / load
+
+
+def test_pca_save_load_round_trip_is_exact(tmp_path, dataset):
+    from w2wlib.data import open_weights
+
+    space = PCASpace.fit(open_weights(dataset), 5)
+    space.save(tmp_path / "pca")
+    cfg = json.loads((tmp_path / "pca" / CONFIG_FILE).read_text())
+    assert cfg["kind"] == "pca" and cfg["w2wlib_version"]
+    for loaded in (PCASpace.load(tmp_path / "pca"), load_space(tmp_path / "pca"), WeightSpace.load(tmp_path / "pca")):
+        assert isinstance(loaded, PCASpace)
+        for name in ("components", "singular_values", "coeff_mean", "coeff_std", "mean", "std"):
+            assert torch.equal(getattr(loaded, name), getattr(space, name)), name
+        assert (loaded.n_samples, loaded.total_variance, loaded.method) == (space.n_samples, space.total_variance,
+                                                                            space.method)
+    with pytest.raises(W2WError, match="already exists; pass overwrite=True"):
+        space.save(tmp_path / "pca")
+    space.truncated(2).save(tmp_path / "pca", overwrite=True)
+    assert load_space(tmp_path / "pca").latent_dim == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pca"]     # no temporaries left behind
+
+
+def test_a_failed_save_leaves_the_old_space_untouched(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+    old = PCASpace.fit(x, 3)
+    old.save(tmp_path / "pca")
+
+    def disk_full(*args, **kw):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        old.truncated(1).save(tmp_path / "pca", overwrite=True)
+    with pytest.raises(OSError):
+        old.save(tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pca"]     # nothing half-written, no temporaries
+    assert torch.equal(load_space(tmp_path / "pca").components, old.components)
+
+
+def test_vae_save_load_round_trip_is_exact(tmp_path):
+    cfg = VAEConfig(dim=48, hidden=(32, 16), latent=4, norm="layer", residual_blocks=1, activation="silu")
+    space = VAESpace(cfg, seed=3)
+    space.set_standardisation(torch.randn(48), torch.rand(48) + 0.5)
+    space.save(tmp_path / "vae")
+    loaded = load_space(tmp_path / "vae")
+    assert isinstance(loaded, VAESpace) and loaded.config == cfg
+    a, b = space.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(loaded.mean, space.mean) and torch.equal(loaded.std, space.std)
+    z = torch.randn(3, 4)
+    assert torch.equal(loaded.decode(z), space.decode(z))
+
+
+def test_loading_bad_folders_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(ArtifactMissingError, match="No weight space at .*space.save"):
+        load_space(tmp_path / "nowhere")
+    PCASpace.fit(torch.randn(10, 6, generator=torch.Generator().manual_seed(0)), 2).save(tmp_path / "pca")
+    VAESpace(VAEConfig(dim=6, hidden=(4,), latent=2)).save(tmp_path / "vae")
+    with pytest.raises(W2WError, match="holds a 'pca' space, not 'vae'.*load_space"):
+        VAESpace.load(tmp_path / "pca")
+    with pytest.raises(W2WError, match="holds a 'vae' space, not 'pca'"):
+        PCASpace.load(tmp_path / "vae")
+    data = (tmp_path / "pca" / TENSORS_FILE).read_bytes()
+    (tmp_path / "pca" / TENSORS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(W2WError, match=f"{TENSORS_FILE} is corrupt or truncated"):
+        load_space(tmp_path / "pca")
+    (tmp_path / "pca" / TENSORS_FILE).write_bytes((tmp_path / "vae" / TENSORS_FILE).read_bytes())
+    with pytest.raises(W2WError, match="come from different saves"):
+        load_space(tmp_path / "pca")
+    (tmp_path / "vae" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(W2WError, match=f"{CONFIG_FILE} is not valid JSON"):
+        load_space(tmp_path / "vae")
+    (tmp_path / "vae" / CONFIG_FILE).unlink()
+    with pytest.raises(ArtifactMissingError, match=f"{CONFIG_FILE} is missing from"):
+        load_space(tmp_path / "vae")
+
+
+# ---------------------------------------------------------------------- VAE
+
+
+def test_vae_presets_mirror_the_seeds_and_scale_down():
+    sd = VAEConfig.sd15()
+    assert (sd.dim, sd.hidden, sd.latent, sd.activation) == (99_648, (4096, 2048, 1024), 512, "leaky_relu")
+    mini = VAEConfig.scaled(5376)
+    assert mini.hidden == (224, 112, 56) and mini.latent == 24
+    assert VAEConfig.scaled(256, latent=16).hidden == (16, 16, 16)
+    with pytest.raises(W2WError, match="norm must be"):
+        VAEConfig(dim=10, norm="batch")
+    with pytest.raises(W2WError, match="activation must be"):
+        VAEConfig(dim=10, activation="swish")
+
+
+def test_vae_shapes_and_deterministic_encode():
+    space = VAESpace(VAEConfig(dim=40, hidden=(24, 12), latent=5, dropout=0.1, input_noise=0.1), seed=0)
+    x = torch.randn(7, 40)
+    assert space.encode(x).shape == (7, 5) and torch.equal(space.encode(x), space.encode(x))
+    assert space.decode(space.sample(3, torch.Generator().manual_seed(0))).shape == (3, 40)
+    z = torch.zeros(2, 5, requires_grad=True)
+    space.decode(z).sum().backward()                                  # decode is differentiable in z
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    same = VAESpace(space.config, seed=0).model.state_dict()
+    assert all(torch.equal(v, same[k]) for k, v in space.model.state_dict().items())
+    with pytest.raises(W2WError, match="has 39 columns but this VAESpace has D=40"):
+        space.encode(x[:, :39])
+
+
+def test_vae_loss_terms_match_a_hand_computation():
+    space = VAESpace(VAEConfig(dim=20, hidden=(16,), latent=3), seed=0)
+    m, x = space.model.eval(), torch.randn(6, 20, generator=torch.Generator().manual_seed(1))
+    out = m.loss(x, beta=0.5)
+    mu, logvar = m.posterior(x)
+    kl = (0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)).sum(1).mean()
+    recon = ((m.decode(mu) - x) ** 2).mean()
+    torch.testing.assert_close(out["kl"], kl)
+    torch.testing.assert_close(out["recon"], recon)
+    torch.testing.assert_close(out["loss"], recon + 0.5 * kl / 20)
+
+
+def test_free_bits_floor_each_latent_dimension():
+    space = VAESpace(VAEConfig(dim=20, hidden=(16,), latent=3), seed=0)
+    m, x = space.model.eval(), torch.randn(6, 20, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mu, logvar = m.posterior(x)
+    kl_dim = (0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)).mean(0)  # [3]
+    lam = float(kl_dim.median())
+    out = m.loss(x, beta=1.0, free_bits=lam)
+    torch.testing.assert_close(out["kl_term"], kl_dim.clamp_min(lam).sum())
+    # every dimension under the floor: the KL term is constant, so it sends no gradient to the encoder
+    high = float(kl_dim.max()) + 1
+    m.zero_grad()
+    m.loss(x, beta=1.0, free_bits=high)["loss"].backward()
+    with_fb = m.to_stats.weight.grad.clone()
+    m.zero_grad()
+    m.loss(x, beta=0.0)["loss"].backward()
+    torch.testing.assert_close(with_fb, m.to_stats.weight.grad)
+
+
+def test_active_units_counts_dimensions_with_spread():
+    z = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 0.5, 0.05, 0.0])
+    n, var = active_units(z)
+    assert n == 2 and var.shape == (4,)
+    with pytest.raises(W2WError, match="active_units needs"):
+        active_units(torch.zeros(1, 4))

@@ -1,0 +1,59 @@
+"""``w2w spaces build`` on a micro dataset: both spaces shipped with a manifest, sharing one identity split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from w2wlib import W2WError
+from w2wlib.data import open_weights
+from w2wlib.spaces import PCASpace, VAESpace, load_space
+from w2wlib.spaces.build import SpacesConfig, build_spaces
+from w2wlib.stages import verify_manifest
+
+
+@pytest.fixture(scope="module")
+def micro_spaces(micro_dataset, tmp_path_factory):
+    from w2wlib.cli import main
+
+    out = tmp_path_factory.mktemp("spaces")
+    assert main(["spaces", "build", "--config", "micro", "--out", str(out), "--dataset", str(micro_dataset),
+                 "--device", "cpu"]) == 0
+    return out
+
+
+def test_both_spaces_load_and_map_held_out_identities(micro_spaces, micro_dataset):
+    ds = open_weights(micro_dataset)
+    pca, vae = load_space(micro_spaces / "pca"), load_space(micro_spaces / "vae")
+    assert isinstance(pca, PCASpace) and isinstance(vae, VAESpace)
+    cfg = SpacesConfig.preset("micro")
+    assert pca.latent_dim == cfg.pca_k and vae.latent_dim == cfg.latent and pca.dim == vae.dim == ds.dim
+    split = json.loads((micro_spaces / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == list(range(len(ds))) and split["val"]
+    # the PCA is fit on the training identities only: they are reconstructed exactly at full rank ...
+    train = ds.standardise(ds.rows(split["train"]))
+    torch.testing.assert_close(pca.decode(pca.encode(train)), train, atol=1e-3, rtol=0)
+    # ... while held-out identities are not in its span
+    val = ds.standardise(ds.rows(split["val"]))
+    assert (pca.decode(pca.encode(val)) - val).square().mean() > 1e-3
+    for space in (pca, vae):
+        z = space.encode(val)
+        assert z.shape == (len(val), space.latent_dim) and space.decode(z).shape == val.shape
+        w = space.sample_weights(3, torch.Generator().manual_seed(0), raw=True)   # raw LoRA rows
+        assert w.shape == (3, ds.dim) and torch.isfinite(w).all()
+
+
+def test_manifest_history_and_cached_rebuild(micro_spaces, micro_dataset):
+    manifest = json.loads((micro_spaces / "manifest.json").read_text())
+    assert verify_manifest(micro_spaces) == [] and manifest["command"].startswith("w2w spaces build")
+    assert {"pca/config.json", "vae/tensors.safetensors", "vae_history.json"} <= set(manifest["files"])
+    history = json.loads((micro_spaces / "vae_history.json").read_text())
+    assert history[-1]["step"] == SpacesConfig.preset("micro").train["steps"] and "val_recon" in history[-1]
+    again = build_spaces(micro_spaces, SpacesConfig.preset("micro"), micro_dataset, progress=False)
+    assert again["files"] == manifest["files"]                          # both stages cached: same bytes
+    with pytest.raises(W2WError, match="pca_k"):
+        build_spaces(micro_spaces / "x", SpacesConfig(pca_k=10_000), micro_dataset, progress=False)
+    with pytest.raises(W2WError, match="unknown spaces config"):
+        SpacesConfig.preset("huge")

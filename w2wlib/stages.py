@@ -1,0 +1,140 @@
+"""Resumable, cached build stages and the manifest of what they produced.
+
+Both builders (``w2w world build`` and ``w2w dataset build``) run named stages into an output folder.
+:class:`Stages` keeps the bookkeeping under ``<out>/_work/`` (never shipped): a stage is done when its
+marker carries the key of the config it depends on, long stages checkpoint there atomically, and a
+checkpoint from another config is ignored. :func:`write_manifest` then records every shipped file's
+sha256 next to the build's command, seeds, configs, times and metrics; :func:`verify_manifest` checks
+the files against it.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> st = Stages(out, lambda stage: {"steps": 3})
+    >>> st.done("train") is None
+    True
+    >>> st.finish("train", 1.5); st.done("train")["seconds"]
+    1.5
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ._version import __version__
+
+__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest"]
+
+log = logging.getLogger(__name__)
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_key(obj: Any) -> str:
+    """A short stable hash of a JSON-able config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Done-markers, checkpoints and timings for one build folder; ``depends(stage)`` gives a stage's config."""
+
+    def __init__(self, out: Path, depends: Callable[[str], Any]):
+        self.out, self.depends, self.work = Path(out), depends, Path(out) / "_work"
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def run(self, stages, body: Callable[[str], dict | None], *, is_main: bool = True,
+            barrier: Callable[[], None] = lambda: None) -> dict[str, float]:
+        """Run ``body(stage)`` for each stage not yet done (it may return extras for the marker); returns seconds.
+
+        Under several processes every process runs ``body``; ``barrier`` waits for all of them and only the
+        main process writes the marker.
+        """
+        seconds: dict[str, float] = {}
+        for stage in stages:
+            if (info := self.done(stage)) is not None:
+                log.info("%s: cached (%.0f s when built)", stage, info["seconds"])
+                seconds[stage] = info["seconds"]
+                continue
+            t0 = time.perf_counter()
+            extra = body(stage) or {}
+            barrier()
+            seconds[stage] = time.perf_counter() - t0
+            if is_main:
+                self.finish(stage, seconds[stage], **extra)
+            log.info("%s: done in %.0f s", stage, seconds[stage])
+        return seconds
+
+    def key(self, stage: str) -> str:
+        return config_key(self.depends(stage))
+
+    def done(self, stage: str) -> dict | None:
+        """The stage's marker (with its build ``seconds``) if it was built from the current config."""
+        marker = self.work / f"{stage}.done.json"
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            if info.get("key") == self.key(stage):
+                return info
+        return None
+
+    def finish(self, stage: str, seconds: float, **extra) -> None:
+        info = {"key": self.key(stage), "seconds": round(seconds, 1), **extra}
+        (self.work / f"{stage}.done.json").write_text(json.dumps(info, indent=1))
+        (self.work / f"{stage}.ckpt.pt").unlink(missing_ok=True)
+
+    def checkpointer(self, stage: str) -> Callable[[int, dict], None]:
+        def save(step: int, state: dict) -> None:
+            tmp = self.work / f"{stage}.ckpt.pt.tmp"
+            torch.save({"key": self.key(stage), **state}, tmp)
+            tmp.replace(self.work / f"{stage}.ckpt.pt")  # atomic: a kill never leaves half a checkpoint
+            log.info("%s: checkpoint at step %d", stage, step)
+        return save
+
+    def resume(self, stage: str) -> dict | None:
+        path = self.work / f"{stage}.ckpt.pt"
+        if not path.is_file():
+            return None
+        state = torch.load(path, weights_only=True)
+        if state.pop("key", None) != self.key(stage):
+            log.warning("%s: ignoring a checkpoint from another config", stage)
+            return None
+        log.info("%s: resuming from step %d", stage, state["step"])
+        return state
+
+
+def write_manifest(out: Path, **fields: Any) -> dict:
+    """Write ``<out>/manifest.json``: ``fields`` plus versions and every shipped file's sha256 and size.
+
+    Shipped files are those under ``out`` outside ``_work/``, other than the manifest itself.
+    """
+    out = Path(out)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and "_work" not in p.relative_to(out).parts
+                   and p.name != "manifest.json")
+    manifest = {**fields, "w2wlib_version": __version__, "torch": torch.__version__,
+                "python": sys.version.split()[0],
+                "files": {str(p.relative_to(out)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / "manifest.json")
+    return manifest
+
+
+def verify_manifest(out: Path) -> list[str]:
+    """Files whose sha256 differs from the manifest, or that are missing (empty when intact)."""
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    return [name for name, info in manifest["files"].items()
+            if not (Path(out) / name).is_file() or sha256(Path(out) / name) != info["sha256"]]
