@@ -21,7 +21,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", default="data/world")
     ap.add_argument("--identities", type=int, default=16)
-    ap.add_argument("--setting", action="append", default=None, help="LR:STEPS, repeatable")
+    ap.add_argument("--setting", action="append", default=None,
+                    help="LR:STEPS[:PRIOR_WEIGHT] (prior-preservation weight, default 1), repeatable")
     ap.add_argument("--images", type=int, default=8, help="instance images per identity")
     ap.add_argument("--class-images", type=int, default=200)
     args = ap.parse_args()
@@ -48,17 +49,18 @@ def main() -> None:
     score = dict(n_images=4, n_renders=4, seed=0, steps=25, guidance=4.0)
     base = functional_id_scores(pipe, enc, None, seeds, **score).mean().item()
     print(f"base model ('a photo of sks person', no LoRA): ID score {base:.3f}")
-    print("lr | steps | s per identity | own | other identity's LoRA | own - base | own - other")
+    print("lr | steps | prior weight | s per identity | own | other identity's LoRA | own - base | own - other")
     for setting in args.setting or ["5e-4:300"]:
-        lr, steps = setting.split(":")
-        cfg = D.DreamBoothConfig(lr=float(lr), steps=int(steps), images_per_identity=k, class_images=args.class_images)
+        lr, steps, prior = (setting.split(":") + ["1"])[:3]
+        cfg = D.DreamBoothConfig(lr=float(lr), steps=int(steps), prior_loss_weight=float(prior),
+                                 images_per_identity=k, class_images=args.class_images)
         t0 = time.perf_counter()
         W = D.train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, make_schedulers()[0],
                                images, cls, cfg, identity_keys=seeds, progress=False)
         per_id = (time.perf_counter() - t0) / len(seeds)
         own = functional_id_scores(pipe, enc, W, seeds, **score).mean().item()
         other = functional_id_scores(pipe, enc, W.roll(1, 0), seeds, **score).mean().item()
-        print(f"{lr} | {steps} | {per_id:.1f} | {own:.3f} | {other:.3f} | {own - base:+.3f} | {own - other:+.3f}", flush=True)
+        print(f"{lr} | {steps} | {prior} | {per_id:.1f} | {own:.3f} | {other:.3f} | {own - base:+.3f} | {own - other:+.3f}", flush=True)
 
 
 if __name__ == "__main__":
