@@ -62,7 +62,9 @@ class DatasetConfig:
     @classmethod
     def preset(cls, name: str) -> "DatasetConfig":
         if name == "mini":
-            return cls()
+            # benchmarks/dreambooth_recipe.md: prior weight 0.3 keeps most of the identity (1 halves it);
+            # 150 steps at 2e-3 fit 4,096 identities in about 2.6 h at the measured 15 ms per identity-step
+            return cls(dreambooth={"lr": 2e-3, "steps": 150, "prior_loss_weight": 0.3})
         if name == "micro":
             return cls(name="micro", n_train=8, n_held_out=4, chunk_size=4, sample_steps=3,
                        dreambooth={"steps": 3, "images_per_identity": 2, "class_images": 4},
