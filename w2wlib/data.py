@@ -93,8 +93,9 @@ def _missing(path: Path, how: str) -> ArtifactMissingError:
     return ArtifactMissingError(f"{path.name} is missing from {path.parent}: {how}.")
 
 
-def _mmap_safetensors(path: Path, name: str = "weights") -> tuple[torch.Tensor, dict[str, str]]:
-    """Tensor ``name`` of a safetensors file as a private mmap (never read whole), and the metadata."""
+def _mmap_safetensors(path: Path, name: str = "weights") -> tuple[torch.Tensor, dict[str, str], int]:
+    """Tensor ``name`` of a safetensors file as a private mmap (never read whole), the metadata, and the
+    byte offset of the tensor's data in the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -121,8 +122,7 @@ def _mmap_safetensors(path: Path, name: str = "weights") -> tuple[torch.Tensor, 
                        f"w2wlib.data.save_weights or safetensors >= 0.4.")
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE mmap
     raw = torch.empty(0, dtype=torch.uint8).set_(storage)
-    meta["_data_offset"] = str(begin)
-    return raw[begin:begin + end - start].view(dtype).view(shape), meta
+    return raw[begin:begin + end - start].view(dtype).view(shape), meta, begin
 
 
 class _RowFile:
@@ -277,10 +277,9 @@ class WeightsDataset:
                 raise _missing(paths[key], _BUILD_OURS)
         from safetensors import safe_open
 
-        self.weights, meta = _mmap_safetensors(paths["weights"])          # [N, D], mmap
+        self.weights, meta, offset = _mmap_safetensors(paths["weights"])  # [N, D], mmap
         if self.weights.dim() == 2:
-            self._file = _RowFile(paths["weights"], int(meta.pop("_data_offset")), tuple(self.weights.shape),
-                                  self.weights.dtype)
+            self._file = _RowFile(paths["weights"], offset, tuple(self.weights.shape), self.weights.dtype)
         ids = {"all_weights.safetensors": meta.get("dataset_id")}
         for key in ("mean", "std"):
             with safe_open(str(paths[key]), framework="pt") as f:

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -119,7 +120,6 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
     from . import dreambooth as DB
     from .data import save_weights
     from .lora import LoraLayout
-    from .metrics import functional_id_scores
     from .viz import to_tensor
     from .world.encoder import load_encoder
     from .world.pipeline import load_pipeline
@@ -131,11 +131,16 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
     st = Stages(out, lambda stage: {"world_unet_sha256": wkey, **cfg.stage_config(stage)})
     db = cfg.dreambooth_config()
     train, held = training_seeds(cfg), held_out_seeds(cfg)
-    pipe = load_pipeline(world / "pipeline", device=device)
-    pipe.set_progress_bar_config(disable=True)
+
+    @functools.cache
+    def base():  # the pipeline, loaded only when a stage has work to do
+        pipe = load_pipeline(world / "pipeline", device=device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def run(stage: str) -> dict:
         extra: dict = {}
+        pipe = base()
         if stage == "class_images" and state.is_main_process:
             cls = DB.generate_class_images(pipe, db.class_images, db.class_prompt, seed=cfg.seed, progress=progress,
                                            num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance)
@@ -163,7 +168,7 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
                          overwrite=True)
         elif stage == "oracle" and state.is_main_process:
             extra["summary"] = _oracle(out, cfg, pipe, load_encoder(world / "identity_encoder", device=device),
-                                       train, progress, functional_id_scores)
+                                       train, progress)
         return extra
 
     seconds = st.run(STAGES, run, is_main=state.is_main_process, barrier=state.wait_for_everyone)
@@ -185,9 +190,10 @@ def _ddpm(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _oracle(out: Path, cfg: DatasetConfig, pipe, enc, train: np.ndarray, progress: bool, score) -> dict:
+def _oracle(out: Path, cfg: DatasetConfig, pipe, enc, train: np.ndarray, progress: bool) -> dict:
     """Own-LoRA, base-model and other-identity ID scores of the first ``oracle_identities`` identities."""
     from .data import open_weights
+    from .metrics import functional_id_scores as score
 
     ds = open_weights(out)
     n = min(cfg.oracle_identities, len(ds))

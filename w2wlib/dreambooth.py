@@ -264,15 +264,12 @@ def train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, instan
         n = b + (b if M else 0)
         cond = torch.cat([emb[:1].expand(b, -1, -1), emb[1:].expand(n - b, -1, -1)])     # one identity's block
         per_fwd = cfg.identities_per_forward or G
-        first = unet.get_submodule(layout.entries[0].module)
-        had = getattr(first, BatchedLora._ATTR, None)
-        bank = BatchedLora.attach(unet, layout)
         logger.info("DreamBooth-LoRA: %d identities x %d steps, D=%d, %d instance / %d class images, device %s",
                     G, cfg.steps, layout.dim, K, M, device)
         from tqdm.auto import tqdm
 
         bar = tqdm(range(cfg.steps), desc=f"dreambooth x{G}", disable=not progress, unit="step")
-        try:
+        with BatchedLora.attached_to(unet, layout) as bank:
             for step in bar:
                 draws = [draw_step(cfg, k, step, K, M, inst.shape[2:], T) for k in keys]
                 losses = torch.zeros(G, device=device)
@@ -304,9 +301,6 @@ def train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, instan
                 if on_step is not None:
                     on_step(step, losses.cpu())
                 bar.set_postfix(loss=f"{losses.mean().item():.4f}", refresh=False)
-        finally:
-            if bank is not had:
-                bank.detach()
     return W.detach().cpu()
 
 

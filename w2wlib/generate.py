@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -36,7 +38,8 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
 
     Images are row-major: ``out[g * n_per_row + j]`` is image ``j`` of row ``g``. ``layout`` is the
     LoRA layout of ``W`` (default: rank 1, alpha 27 on ``to_q``/``to_v``, as w2w; pass
-    ``dataset.lora_layout(pipe.unet)`` for a dataset's own). The pipeline is left as it was.
+    ``dataset.lora_layout(pipe.unet)`` for a dataset's own). The pipeline is left as it was (a LoRA bank
+    the caller attached stays attached).
     """
     from tqdm.auto import tqdm
 
@@ -44,28 +47,22 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
         raise W2WError(f"n_per_row must be >= 1, got {n_per_row}")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     device = pipe.unet.device
-    if W is not None:
-        if W.dim() == 1:
-            W = W[None]
-        layout = layout or LoraLayout.from_unet(pipe.unet)
-        bank = BatchedLora.attach(pipe.unet, layout)
-        W = bank.check(W).to(device, pipe.unet.dtype)
+    if W is not None and W.dim() == 1:
+        W = W[None]
     rows = 1 if W is None else len(W)
     jobs = [(g, j) for g in range(rows) for j in range(n_per_row)]
     out = []
-    try:
+    bank_cm = contextlib.nullcontext() if W is None else \
+        BatchedLora.attached_to(pipe.unet, layout or LoraLayout.from_unet(pipe.unet))
+    with bank_cm as bank:
+        if bank is not None:
+            W = bank.check(W).to(device, pipe.unet.dtype)
         for i in tqdm(range(0, len(jobs), batch), desc="generate", disable=not progress):
             chunk = jobs[i:i + batch]
-            chunk_gens = [image_generator(seed, j, device) for _, j in chunk]  # image j starts alike in every row
             kwargs = dict(prompt=[prompt] * len(chunk), height=size, width=size, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=chunk_gens, output_type="np")
-            if W is None:
+                          guidance_scale=guidance, output_type="np",
+                          generator=[image_generator(seed, j, device) for _, j in chunk])  # image j alike in every row
+            with contextlib.nullcontext() if bank is None else bank.use(W[[g for g, _ in chunk]]):
                 imgs = pipe(**kwargs).images
-            else:
-                with bank.use(W[[g for g, _ in chunk]]):
-                    imgs = pipe(**kwargs).images
             out.append((imgs * 255).round().astype(np.uint8))
-    finally:
-        if W is not None:
-            bank.detach()
     return np.concatenate(out)

@@ -285,6 +285,20 @@ class BatchedLora:
             bank._modules.append(mod)
         return bank
 
+    @classmethod
+    @contextlib.contextmanager
+    def attached_to(cls, unet: nn.Module, layout: LoraLayout) -> Iterator["BatchedLora"]:
+        """:meth:`attach` for the duration of a ``with`` block: the hooks are removed afterwards unless the
+        bank was already attached (then it belongs to the caller and stays)."""
+        first = unet.get_submodule(layout.entries[0].module) if layout.entries else None
+        had = getattr(first, cls._ATTR, None)
+        bank = cls.attach(unet, layout)
+        try:
+            yield bank
+        finally:
+            if bank is not had:
+                bank.detach()
+
     @property
     def attached(self) -> bool:
         return bool(self._handles)

@@ -44,6 +44,11 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + torch.trace(s_a + s_b - 2 * cross))
 
 
+def _mean_cosines(zi: torch.Tensor, zr: torch.Tensor) -> torch.Tensor:
+    """``[G or 1, n, E]`` x ``[G, m, E]`` unit embeddings -> ``[G]`` mean pairwise cosine (a 1 broadcasts)."""
+    return (zi @ zr.transpose(1, 2)).mean((1, 2))
+
+
 def identity_scores(encoder, images, renders, n_images: int, n_renders: int) -> torch.Tensor:
     """Per identity, the mean cosine between its ``n_images`` images and its ``n_renders`` renders: ``[G]``.
 
@@ -55,7 +60,7 @@ def identity_scores(encoder, images, renders, n_images: int, n_renders: int) -> 
     if len(zi) != g * n_images or len(zr) != g * n_renders:
         raise W2WError(f"{len(zi)} images and {len(zr)} renders do not split into identities of "
                        f"{n_images} and {n_renders}")
-    return torch.einsum("gie,gre->g", zi.view(g, n_images, -1), zr.view(g, n_renders, -1)) / (n_images * n_renders)
+    return _mean_cosines(zi.view(g, n_images, -1), zr.view(g, n_renders, -1))
 
 
 def functional_id_scores(pipe, encoder, W: torch.Tensor | None, identity_seeds, *, n_images: int = 4,
@@ -66,17 +71,17 @@ def functional_id_scores(pipe, encoder, W: torch.Tensor | None, identity_seeds, 
     ``W=None`` scores the base model (the same ``n_images`` for every identity): the floor a LoRA must
     beat. Renders are evaluation views (image seeds from ``EVAL_VIEWS``), never training images.
     """
-    import numpy as np
-
     from .generate import generate
     from .world.render import EVAL_VIEWS, identity_views
 
     seeds = [int(s) for s in identity_seeds]
     if W is not None and len(W) != len(seeds):
         raise W2WError(f"W has {len(W)} rows but {len(seeds)} identity seeds were given; one seed per row")
-    kw = dict(prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance, progress=progress)
-    if W is None:
-        images = np.tile(generate(pipe, None, **kw), (len(seeds), 1, 1, 1))
-    else:
-        images = generate(pipe, W, layout=layout, **kw)
+    if W is None:   # one set of base-model images, embedded once, scored against every identity
+        images = generate(pipe, None, prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance,
+                          progress=progress)
+        zr = encoder.embed(identity_views(seeds, n_renders, EVAL_VIEWS)).view(len(seeds), n_renders, -1)
+        return _mean_cosines(encoder.embed(images).view(1, n_images, -1), zr)
+    images = generate(pipe, W, prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance,
+                      layout=layout, progress=progress)
     return identity_scores(encoder, images, identity_views(seeds, n_renders, EVAL_VIEWS), n_images, n_renders)

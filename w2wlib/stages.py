@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest"]
+__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest", "write_text_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it over ``path``: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def config_key(obj: Any) -> str:
@@ -127,9 +135,7 @@ def write_manifest(out: Path, **fields: Any) -> dict:
     manifest = {**fields, "w2wlib_version": __version__, "torch": torch.__version__,
                 "python": sys.version.split()[0],
                 "files": {str(p.relative_to(out)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .errors import W2WError
 from .spaces.base import _StdRows
+from .stages import write_text_atomic
 from .spaces.vae import VAESpace, WeightVAE
 
 __all__ = ["TrainConfig", "train_vae", "beta_at", "lr_at", "split_rows", "plot_history", "load_history",
@@ -250,7 +251,7 @@ def train_vae(space_or_model: VAESpace | WeightVAE, data: Any, cfg: TrainConfig 
         logger.info("Resuming %s at step %d of %d", out, start, cfg.steps)
     if out is not None and acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "split.json", json.dumps({"train": train_rows.tolist(), "val": val_rows.tolist()}))
+        write_text_atomic(out / "split.json", json.dumps({"train": train_rows.tolist(), "val": val_rows.tolist()}))
 
     fetch = _Prefetch(src, _Order(train_rows, cfg.batch_size, cfg.seed), rank, cfg.batch_size // nproc,
                       pin=acc.device.type == "cuda")
@@ -387,19 +388,13 @@ def _load_checkpoint(out: Path, cfg: TrainConfig, model: WeightVAE, src: _StdRow
     return ckpt
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
-    _write_text(out / "history.json", json.dumps(history, indent=0))
+    write_text_atomic(out / "history.json", json.dumps(history, indent=0))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)), lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)                  # a row without validation leaves those cells empty
-    _write_text(out / "history.csv", buf.getvalue())
+    write_text_atomic(out / "history.csv", buf.getvalue())
 
 
 def load_history(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
