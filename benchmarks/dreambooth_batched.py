@@ -69,7 +69,7 @@ def main() -> None:
             cls_lat = D.encode_images(vae, cls)                                # [M, 4, 8, 8]
         model = get_peft_model(copy.deepcopy(unet), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
                                                                target_modules=list(cfg.target)))
-        w0 = D.init_lora_bank(layout, [keys[g]], cfg.seed)[0]
+        w0 = D.init_lora_bank(layout, [keys[g]], cfg.seed, shared=cfg.shared_init)[0]
         res = set_peft_model_state_dict(model, vector_to_state_dict(w0, layout, prefix="base_model.model."))
         assert not res.unexpected_keys, res.unexpected_keys                   # the init really loaded
         params = [p for p in model.parameters() if p.requires_grad]

@@ -50,3 +50,24 @@ def test_errors_name_the_missing_world_and_unknown_configs(tmp_path):
         build_dataset(tmp_path / "ds", DatasetConfig.preset("micro"), tmp_path / "no_world", device=torch.device("cpu"))
     with pytest.raises(W2WError, match="unknown dataset config"):
         DatasetConfig.preset("huge")
+
+
+def test_a_live_fine_tune_gives_back_the_dataset_rows(micro_dataset, micro_world):
+    """fine_tune (the chapter's live run) trains exactly as the shards stage did: same rows, any batch."""
+    from w2wlib.dataset_build import class_images, fine_tune
+    from w2wlib.world.pipeline import load_pipeline
+
+    cfg = DatasetConfig.preset("micro")
+    ds = open_weights(micro_dataset)
+    pipe = load_pipeline(micro_world / "pipeline", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    pool = class_images(pipe, cfg, progress=False)
+    assert torch.equal(pool, torch.load(micro_dataset / "_work" / "class_images.pt", weights_only=True))
+    assert torch.equal(class_images(pipe, cfg, 2, progress=False), pool[:2])       # a smaller pool is a prefix
+    seeds = ds.identity_seeds[1:3]                                              # not a shard's first rows
+    W = fine_tune(pipe, seeds, cfg, pool, progress=False)
+    torch.testing.assert_close(W, ds.rows([1, 2]), rtol=1e-4, atol=1e-6)
+    fewer = fine_tune(pipe, seeds, cfg, pool, progress=False, steps=1)
+    assert not torch.allclose(fewer, W)
+    with pytest.raises(W2WError, match="class images"):
+        fine_tune(pipe, seeds, cfg, pool[:2], progress=False)                 # the config says another pool size

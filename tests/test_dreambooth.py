@@ -84,7 +84,7 @@ def peft_solo(world, key, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Identity `key` trained alone by peft's own LoRA layers, replaying the same draws (init, final)."""
     model = get_peft_model(copy.deepcopy(world.unet), LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target), init_lora_weights=True))
-    w0 = D.init_lora_bank(world.layout, [key], cfg.seed)[0]
+    w0 = D.init_lora_bank(world.layout, [key], cfg.seed, shared=cfg.shared_init)[0]
     res = set_peft_model_state_dict(model, vector_to_state_dict(w0, world.layout, prefix="base_model.model."))
     assert not res.unexpected_keys
     assert torch.equal(state_dict_to_vector(get_peft_model_state_dict(model), world.layout), w0)
@@ -121,13 +121,17 @@ def test_a_row_does_not_depend_on_the_bank_it_is_in(world):
     cfg = config(lr=1e-3, steps=3)
     small = train(world, [7, 31], cfg)
     large = train(world, [23, 11, 31, 7], dataclasses.replace(cfg, identities_per_forward=3))  # 2 micro-batches
-    init = D.init_lora_bank(world.layout, [31, 7], seed=0)
+    init = D.init_lora_bank(world.layout, [31, 7], seed=0, shared=True)
     assert_rows_close(large[3], small[0], init[1], "identity 7 in banks of 2 and 4")
     assert_rows_close(large[2], small[1], init[0], "identity 31 in banks of 2 and 4")
     assert not torch.allclose(large[0], large[1])
-    assert torch.equal(init[1], D.init_lora_bank(world.layout, [7], seed=0)[0])
+    assert torch.equal(init[0], init[1])                               # one init for every identity
+    own = D.init_lora_bank(world.layout, [31, 7], seed=0, shared=False)  # each identity's own init
+    assert torch.equal(own[1], D.init_lora_bank(world.layout, [7], seed=0, shared=False)[0])
+    assert not torch.equal(own[0], own[1]) and not torch.equal(own[0], init[0])
     e = world.layout.entries[0]
-    assert init[:, e.b_slice].abs().max() == 0 and 0 < init[:, e.a_slice].abs().max() <= e.in_features ** -0.5
+    for W0 in (init, own):
+        assert W0[:, e.b_slice].abs().max() == 0 and 0 < W0[:, e.a_slice].abs().max() <= e.in_features ** -0.5
 
 
 def test_loss_on_fixed_noise_decreases(world):
@@ -144,7 +148,7 @@ def test_loss_on_fixed_noise_decreases(world):
         def loss(w):
             with torch.no_grad(), bank.use(w):
                 return F.mse_loss(world.unet(world.ddpm.add_noise(lat, noise, t), t, cond).sample, noise).item()
-        before, after = loss(D.init_lora_bank(world.layout, [11])), loss(W)
+        before, after = loss(D.init_lora_bank(world.layout, [11], shared=True)), loss(W)
     finally:
         bank.detach()
     assert after < 0.9 * before, (before, after)
@@ -171,7 +175,7 @@ def test_shards_resume_merge_and_detect_gaps(world, tmp_path, monkeypatch):
     assert got.tolist() == seeds and W.shape == (5, world.layout.dim)
     solo = D.train_identities(world.unet, world.vae, world.text_encoder, world.tokenizer, world.ddpm,
                               images_of([8]), world.class_images, cfg, identity_keys=[8], progress=False)
-    assert_rows_close(W[3], solo[0], D.init_lora_bank(world.layout, [8])[0], "identity 8 sharded vs alone")
+    assert_rows_close(W[3], solo[0], D.init_lora_bank(world.layout, [8], shared=True)[0], "identity 8 sharded vs alone")
 
     (tmp_path / D.shard_name(2, 3)).rename(tmp_path / "kept")
     with pytest.raises(W2WError, match=r"identities 2\.\.3 are missing"):

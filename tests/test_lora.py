@@ -420,3 +420,16 @@ def test_w2w_layout_errors(unet, layout):
         layout_from_weight_dimensions(shifted, unet)
     with pytest.raises(LayoutError, match="99,648"):
         layout_from_weight_dimensions(wd, unet, expected_dim=99648)
+
+
+def test_delta_norms_match_the_product_of_a_and_b(layout):
+    W = torch.randn(3, layout.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = layout.delta_norms(W)
+    assert got.shape == (3, len(layout.entries))
+    for n in (0, 2):
+        for j in (0, len(layout.entries) - 1):
+            e = layout.entries[j]
+            A, B = W[n, e.a_slice].view(e.a_shape), W[n, e.b_slice].view(e.b_shape)
+            assert torch.isclose(got[n, j], layout.scale * torch.linalg.matrix_norm(B @ A), rtol=1e-9)
+    with pytest.raises(LayoutError, match="must be"):
+        layout.delta_norms(W[:, :-1])

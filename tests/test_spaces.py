@@ -283,3 +283,18 @@ def test_active_units_counts_dimensions_with_spread():
     assert n == 2 and var.shape == (4,)
     with pytest.raises(W2WError, match="active_units needs"):
         active_units(torch.zeros(1, 4))
+
+
+def test_kl_per_dim_sums_to_the_loss_kl_and_flags_collapsed_units():
+    space = VAESpace(VAEConfig(dim=20, hidden=(16,), latent=3), seed=0)
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(1))
+    kl = space.kl_per_dim(x)
+    assert kl.shape == (3,) and (kl >= 0).all()
+    torch.testing.assert_close(kl.sum(), space.model.eval().loss(x)["kl"])
+    with torch.no_grad():                        # make unit 1 the prior whatever x: mean 0, log-variance 0
+        space.model.to_stats.weight[[1, 4]] = 0.0
+        space.model.to_stats.bias[[1, 4]] = 0.0
+    kl = space.kl_per_dim(x)
+    assert kl[1] == 0 and kl[0] > 0 and kl[2] > 0
+    with pytest.raises(W2WError, match="columns"):
+        space.kl_per_dim(x[:, :5])

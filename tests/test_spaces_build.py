@@ -57,3 +57,21 @@ def test_manifest_history_and_cached_rebuild(micro_spaces, micro_dataset):
         build_spaces(micro_spaces / "x", SpacesConfig(pca_k=10_000), micro_dataset, progress=False)
     with pytest.raises(W2WError, match="unknown spaces config"):
         SpacesConfig.preset("huge")
+
+
+def test_the_config_is_read_back_from_the_manifest(micro_spaces, tmp_path):
+    assert SpacesConfig.from_manifest(micro_spaces) == SpacesConfig.preset("micro")
+    with pytest.raises(W2WError, match="w2w spaces build"):
+        SpacesConfig.from_manifest(tmp_path)
+
+
+def test_reconstruction_mse_per_identity(micro_spaces, micro_dataset):
+    from w2wlib.metrics import reconstruction_mse
+
+    ds, pca = open_weights(micro_dataset), load_space(micro_spaces / "pca")
+    x = ds.standardise(ds.rows(slice(0, len(ds))))
+    got = reconstruction_mse(pca, x, batch_size=3)
+    torch.testing.assert_close(got, (pca.decode(pca.encode(x)) - x).square().mean(1))
+    assert torch.all(reconstruction_mse(pca.truncated(1), x) >= got - 1e-6)      # fewer components, more error
+    with pytest.raises(W2WError, match="standardised rows"):
+        reconstruction_mse(pca, x[:, :-1])

@@ -38,7 +38,8 @@ import torch
 from .errors import W2WError
 from .stages import Stages, write_manifest
 
-__all__ = ["DatasetConfig", "build_dataset", "STAGES", "training_seeds", "held_out_seeds"]
+__all__ = ["DatasetConfig", "build_dataset", "STAGES", "training_seeds", "held_out_seeds", "class_images",
+           "instance_images", "fine_tune"]
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,9 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
     from . import dreambooth as DB
     from .data import save_weights
     from .lora import LoraLayout
-    from .viz import to_tensor
     from .world.encoder import load_encoder
     from .world.pipeline import load_pipeline
-    from .world.render import attributes, identity_views, sample_identities, ATTRIBUTES
+    from .world.render import attributes, sample_identities, ATTRIBUTES
 
     out, world = Path(out), Path(world)
     state = state or PartialState()
@@ -142,16 +142,13 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
         extra: dict = {}
         pipe = base()
         if stage == "class_images" and state.is_main_process:
-            cls = DB.generate_class_images(pipe, db.class_images, db.class_prompt, seed=cfg.seed, progress=progress,
-                                           num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance)
-            torch.save(cls, st.work / "class_images.pt")
+            torch.save(class_images(pipe, cfg, progress=progress), st.work / "class_images.pt")
         elif stage == "shards":
             cls = torch.load(st.work / "class_images.pt", weights_only=True)
-            k = db.images_per_identity
             DB.train_shards(train.tolist(), st.work / "shards", unet=pipe.unet, vae=pipe.vae,
                             text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                             noise_scheduler=_ddpm(pipe), class_images=cls, cfg=db, chunk_size=cfg.chunk_size,
-                            instance_images=lambda seeds: to_tensor(identity_views(seeds, k)).view(len(seeds), k, 3, 64, 64),
+                            instance_images=functools.partial(instance_images, k=db.images_per_identity),
                             state=state, progress=progress)
         elif stage == "dataset" and state.is_main_process:
             W, seeds = DB.merge_shards(st.work / "shards")
@@ -182,6 +179,43 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
         seeds={"root": cfg.seed, "training identities": "training_seeds(cfg): below 10**9",
                "held-out identities": "held_out_seeds(cfg): >= 10**9"},
         build_seconds={k: round(v, 1) for k, v in seconds.items()}, oracle=oracle["summary"])
+
+
+def class_images(pipe, cfg: DatasetConfig, n: int | None = None, *, progress: bool = True) -> torch.Tensor:
+    """The prior-preservation pool ``[n, 3, H, W]`` in [-1, 1]: the base model's images of the class prompt.
+
+    ``n`` defaults to the config's pool size; the first ``n`` images of a smaller pool are the same.
+    """
+    from .dreambooth import generate_class_images
+
+    db = cfg.dreambooth_config()
+    return generate_class_images(pipe, db.class_images if n is None else n, db.class_prompt, seed=cfg.seed,
+                                 progress=progress, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance)
+
+
+def instance_images(seeds, k: int) -> torch.Tensor:
+    """The training views of each identity, ``[len(seeds), k, 3, H, W]`` in [-1, 1] (image seeds ``0..k-1``)."""
+    from .viz import to_tensor
+    from .world.render import identity_views
+
+    x = to_tensor(identity_views([int(s) for s in seeds], k))
+    return x.view(len(seeds), k, *x.shape[1:])
+
+
+def fine_tune(pipe, seeds, cfg: DatasetConfig, class_pool: torch.Tensor | None, *, progress: bool = True,
+              on_step=None, **changes: Any) -> torch.Tensor:
+    """DreamBooth-LoRAs ``W [len(seeds), D]`` for a few identities, exactly as the ``shards`` stage trains them.
+
+    ``class_pool`` is :func:`class_images` (``None`` turns prior preservation off). ``changes`` replace
+    fields of the recipe (``steps=20``; ``class_images=len(pool)`` for a smaller pool); with none, the
+    rows equal the dataset's rows of the same seeds, up to float rounding of the batch size.
+    """
+    from .dreambooth import train_identities
+
+    db = dataclasses.replace(cfg.dreambooth_config(), **changes)
+    return train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _ddpm(pipe),
+                            instance_images(seeds, db.images_per_identity), class_pool, db,
+                            identity_keys=[int(s) for s in seeds], progress=progress, on_step=on_step)
 
 
 def _ddpm(pipe):

@@ -75,6 +75,9 @@ class DreamBoothConfig:
     batch_per_identity: int = 1                      # instance samples (and as many class samples) per step
     max_grad_norm: float | None = 1.0                # per-identity clipping, as diffusers' DreamBooth scripts
     identities_per_forward: int | None = None        # split a step into micro-batches (exact); None = all G
+    shared_init: bool = True                         # one LoRA init for every identity (a fixed-seed script);
+                                                     # False: each identity's own, which buries the learnt part
+                                                     # of A under init noise (benchmarks/dreambooth_init.md)
     seed: int = 0                                    # root of every identity's random streams
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,12 +107,14 @@ def _keys(keys: int | Sequence[int]) -> list[int]:
     return keys
 
 
-def init_lora_bank(layout: LoraLayout, keys: int | Sequence[int], seed: int = 0) -> torch.Tensor:
-    """Initial ``W [G, D]`` as peft initialises a LoRA (``init_lora_weights=True``), per identity.
+def init_lora_bank(layout: LoraLayout, keys: int | Sequence[int], seed: int = 0, *, shared: bool = False) -> torch.Tensor:
+    """Initial ``W [G, D]`` as peft initialises a LoRA (``init_lora_weights=True``).
 
-    ``A`` is ``kaiming_uniform_(a=sqrt(5))`` (uniform in ``±1/sqrt(in_features)``) and ``B`` is zero,
-    drawn from a generator seeded by ``(seed, key)``: a row depends on its key only, never on G or on
-    its position. ``keys`` is a list of identity keys, or an int G for keys ``0..G-1``.
+    ``A`` is ``kaiming_uniform_(a=sqrt(5))`` (uniform in ``±1/sqrt(in_features)``) and ``B`` is zero.
+    ``shared=True`` gives every identity the same ``A``, drawn from ``seed`` alone, as a training script
+    run with one fixed seed does; otherwise each row's ``A`` is drawn from a generator seeded by
+    ``(seed, key)``. Either way a row depends on its key only, never on G or on its position. ``keys``
+    is a list of identity keys, or an int G for keys ``0..G-1``.
 
     >>> W = init_lora_bank(layout, [7, 3], seed=0)                    # doctest: +SKIP
     >>> torch.equal(W[0], init_lora_bank(layout, [7], seed=0)[0])     # doctest: +SKIP
@@ -118,7 +123,7 @@ def init_lora_bank(layout: LoraLayout, keys: int | Sequence[int], seed: int = 0)
     keys = _keys(keys)
     W = torch.zeros(len(keys), layout.dim)
     for g, key in enumerate(keys):
-        gen = _generator(seed, key, _INIT)
+        gen = _generator(seed, _INIT) if shared else _generator(seed, key, _INIT)
         for e in layout.entries:
             a = torch.empty(e.a_shape)
             nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=gen)
@@ -255,7 +260,7 @@ def train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, instan
             raise W2WError(f"prediction_type {noise_scheduler.config.prediction_type!r} is not supported "
                            f"(epsilon or v_prediction)")
         emb = encode_prompts(tokenizer, text_encoder, [cfg.instance_prompt, cfg.class_prompt]).to(device)
-        W0 = init_lora_bank(layout, keys, cfg.seed) if init is None else init.detach().float()
+        W0 = init_lora_bank(layout, keys, cfg.seed, shared=cfg.shared_init) if init is None else init.detach().float()
         if W0.shape != (G, layout.dim):
             raise LayoutError(f"init has shape {tuple(W0.shape)} but {G} identities x D={layout.dim:,} are needed")
         W = W0.to(device).clone().requires_grad_(True)

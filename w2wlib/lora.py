@@ -130,6 +130,23 @@ class LoraLayout:
     def by_module(self) -> dict[str, LayoutEntry]:
         return {e.module: e for e in self.entries}
 
+    def delta_norms(self, W: torch.Tensor) -> torch.Tensor:
+        """Frobenius norms ``[N, len(entries)]`` of each module's weight change ``scale * B @ A`` for rows ``W [N, D]``.
+
+        Computed from the ``r x r`` Gram matrices, never forming ``B @ A``:
+        ``||B A||_F^2 = trace((B^T B)(A A^T))``.
+        """
+        W = torch.as_tensor(W)
+        if W.ndim != 2 or W.shape[1] != self.dim:
+            raise LayoutError(f"W must be [N, {self.dim:,}] for this layout, not {tuple(W.shape)}")
+        out = torch.empty(len(W), len(self.entries), dtype=W.dtype)
+        for j, e in enumerate(self.entries):
+            A = W[:, e.a_slice].reshape(len(W), e.rank, e.in_features)
+            B = W[:, e.b_slice].reshape(len(W), e.out_features, e.rank)
+            sq = torch.einsum("nij,nji->n", B.transpose(1, 2) @ B, A @ A.transpose(1, 2))
+            out[:, j] = self.scale * sq.clamp(min=0).sqrt()
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; :meth:`from_dict` inverts it."""
         return {

@@ -7,6 +7,14 @@ embedding space (``fid_identity``), the mini world's analogue of FID's Inception
 LoRA and compare them, through the identity encoder, with that identity's evaluation renders. It
 scores the dataset's LoRAs (the oracle) and the weights a space reconstructs or an inversion finds.
 
+``identity_consistency`` asks whether a model (a sampled LoRA) draws one identity: the cosine between
+its own images against that between images of different models.
+
+``reconstruction_mse`` is a space's per-identity error in the standardised space of the data.
+
+``attribute_probe`` asks how linearly an attribute can be read from features (weights, PCA or latent
+coordinates): the held-out accuracy of a logistic probe, against always guessing the majority class.
+
 Example:
     >>> import torch
     >>> x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
@@ -20,7 +28,8 @@ import torch
 
 from .errors import W2WError
 
-__all__ = ["frechet_distance", "identity_scores", "functional_id_scores"]
+__all__ = ["frechet_distance", "identity_scores", "functional_id_scores", "attribute_probe",
+           "reconstruction_mse", "identity_consistency"]
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -85,3 +94,85 @@ def functional_id_scores(pipe, encoder, W: torch.Tensor | None, identity_seeds, 
     images = generate(pipe, W, prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance,
                       layout=layout, progress=progress)
     return identity_scores(encoder, images, identity_views(seeds, n_renders, EVAL_VIEWS), n_images, n_renders)
+
+
+def attribute_probe(x_train: torch.Tensor, y_train: dict, x_val: torch.Tensor, y_val: dict, *,
+                    l2: float = 1e-2, max_iter: int = 200) -> dict[str, dict[str, float]]:
+    """Held-out accuracy of one L2-regularised logistic probe per attribute on features ``x [N, F]``.
+
+    ``y_train``/``y_val`` map attribute -> 0/1 arrays. Features are standardised with the training
+    rows' statistics. Returns attribute -> ``{"accuracy", "balanced_accuracy", "majority"}``, where
+    ``majority`` is the accuracy of always answering the training set's more frequent class.
+    """
+    x_train, x_val = torch.as_tensor(x_train, dtype=torch.float64), torch.as_tensor(x_val, dtype=torch.float64)
+    if x_train.ndim != 2 or x_val.ndim != 2 or x_train.shape[1] != x_val.shape[1]:
+        raise W2WError(f"features must be [N, F] with the same F, not {tuple(x_train.shape)} and {tuple(x_val.shape)}")
+    names = [a for a in y_train if a in y_val]
+    if not names:
+        raise W2WError("y_train and y_val share no attribute")
+    yt = torch.stack([torch.as_tensor(y_train[a], dtype=torch.float64) for a in names], 1)
+    yv = torch.stack([torch.as_tensor(y_val[a], dtype=torch.float64) for a in names], 1)
+    if len(yt) != len(x_train) or len(yv) != len(x_val):
+        raise W2WError(f"{len(x_train)}/{len(x_val)} feature rows but {len(yt)}/{len(yv)} attribute rows")
+    mu, sd = x_train.mean(0), x_train.std(0).clamp(min=1e-12)
+    xt, xv = (x_train - mu) / sd, (x_val - mu) / sd
+    w = torch.zeros(xt.shape[1], len(names), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="sum") / len(xt)
+        loss = loss + l2 * w.pow(2).sum()   # the loss separates over attributes: one probe each
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = (xv @ w + b > 0).double()
+    out = {}
+    for j, a in enumerate(names):
+        pos, neg = yv[:, j] == 1, yv[:, j] == 0
+        rates = [float((pred[m, j] == yv[m, j]).double().mean()) for m in (pos, neg) if m.any()]
+        major = float(yt[:, j].mean() >= 0.5)
+        out[a] = {"accuracy": float((pred[:, j] == yv[:, j]).double().mean()),
+                  "balanced_accuracy": sum(rates) / len(rates), "majority": float((yv[:, j] == major).double().mean())}
+    return out
+
+
+@torch.no_grad()
+def reconstruction_mse(space, w_std: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Per-row mean squared error ``[N]`` of ``space.decode(space.encode(w_std))`` in the standardised space.
+
+    A VAE encodes to its posterior mean; 1.0 is the error of predicting the mean identity.
+    """
+    w_std = torch.as_tensor(w_std)
+    if w_std.ndim != 2 or w_std.shape[1] != space.dim:
+        raise W2WError(f"w_std must be [N, {space.dim:,}] standardised rows, not {tuple(w_std.shape)}")
+    out = []
+    for blk in w_std.split(batch_size):
+        x = blk.to(space.device, torch.float32)
+        out.append((space.decode(space.encode(x)) - x).pow(2).mean(1).cpu())
+    return torch.cat(out)
+
+
+def identity_consistency(encoder, images, n_per_row: int) -> tuple[torch.Tensor, float]:
+    """Mean cosine between different images of the same row ``[G]``, and between images of different rows.
+
+    ``images`` ``[G * n_per_row, ...]`` are row-major, one row per model (e.g. :func:`~w2wlib.generate.generate`
+    of ``G`` sampled LoRAs). A model that keeps one identity scores well above the across-row value.
+    Only pairs of different columns count, so noise shared by column ``j`` of every row adds nothing.
+    """
+    if n_per_row < 2:
+        raise W2WError(f"identity_consistency needs n_per_row >= 2 images of each model, not {n_per_row}")
+    z = encoder.embed(images)
+    g = len(z) // n_per_row
+    if g < 2 or len(z) != g * n_per_row:
+        raise W2WError(f"{len(z)} images are not >= 2 rows of {n_per_row}")
+    z = z.view(g, n_per_row, -1)
+    sims = torch.einsum("gie,hje->ghij", z, z)                          # [G, G, n, n]
+    off = ~torch.eye(n_per_row, dtype=torch.bool)
+    within = sims[torch.arange(g), torch.arange(g)][:, off].mean(1)      # [G], distinct images of one row
+    # across rows, only pairs of different columns: column j of every row may share its noise (generate)
+    across = sims[~torch.eye(g, dtype=torch.bool)][:, off].mean()
+    return within, float(across)

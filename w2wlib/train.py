@@ -43,7 +43,7 @@ from ._version import __version__
 from .errors import W2WError
 from .spaces.base import _StdRows
 from .stages import write_text_atomic
-from .spaces.vae import VAESpace, WeightVAE
+from .spaces.vae import VAESpace, WeightVAE, kl_to_prior
 
 __all__ = ["TrainConfig", "train_vae", "beta_at", "lr_at", "split_rows", "plot_history", "load_history",
            "CHECKPOINT_FILE"]
@@ -326,7 +326,7 @@ def _validate(acc, model, src: _StdRows, val_rows: torch.Tensor, batch: int, bet
             x = blk.to(acc.device)
             mu, logvar = m.posterior(x)                                      # [b, k]
             sse += (m.decode(mu).float() - x).square().sum().double()
-            kl += (0.5 * (mu.float().square() + logvar.float().exp() - 1 - logvar.float())).sum().double()
+            kl += kl_to_prior(mu, logvar).sum().double()
             mu_sum += mu.double().sum(0)
             mu_sq += mu.double().square().sum(0)
             n += x.shape[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,14 @@ class SpacesConfig:
                                                                "beta_warmup": 5, "beta_ramp": 5, "val_every": 10,
                                                                "log_every": 5, "val_fraction": 0.25})
         raise W2WError(f"unknown spaces config {name!r}; choose mini or micro")
+
+    @classmethod
+    def from_manifest(cls, folder: str | os.PathLike) -> "SpacesConfig":
+        """The config a spaces folder was built with (its ``manifest.json``)."""
+        path = Path(folder) / "manifest.json"
+        if not path.is_file():
+            raise W2WError(f"no manifest.json in {folder}: build the spaces with w2w spaces build")
+        return cls(**json.loads(path.read_text())["config"])
 
     def train_config(self):
         from ..train import TrainConfig

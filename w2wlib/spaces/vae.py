@@ -94,6 +94,12 @@ class VAEConfig:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
 
 
+def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent of each row, ``[B, k]`` nats (float32 or wider)."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.square() + logvar.exp() - 1 - logvar)
+
+
 def _round8(x: float) -> int:
     return max(8, int(round(x / 8)) * 8)
 
@@ -165,7 +171,7 @@ class WeightVAE(nn.Module):
         if self.training and cfg.latent_noise:
             z = z + cfg.latent_noise * torch.randn_like(z)
         recon = F.mse_loss(self.decode(z).float(), x)
-        kl_dim = 0.5 * (mu.float().square() + logvar.float().exp() - 1 - logvar.float()).mean(0)  # [k]
+        kl_dim = kl_to_prior(mu, logvar).mean(0)                                     # [k]
         kl_term = kl_dim.clamp_min(free_bits).sum() if free_bits > 0 else kl_dim.sum()
         loss = recon + beta * kl_term / cfg.dim
         return {"loss": loss, "recon": recon.detach(), "kl": kl_dim.sum().detach(), "kl_term": kl_term.detach()}
@@ -220,6 +226,15 @@ class VAESpace(WeightSpace):
         """``[N, k]`` -> standardised weights ``[N, D]``, differentiable in ``z`` (for inversion)."""
         self.model.eval()
         return self.model.decode(self._check_latent(z))
+
+    @torch.no_grad()
+    def kl_per_dim(self, w_std: torch.Tensor) -> torch.Tensor:
+        """Mean KL(q(z_j | x) || N(0, 1)) of each latent dimension over the rows, ``[k]`` nats.
+
+        A dimension near 0 nats is collapsed: its posterior is the prior whatever the identity.
+        """
+        self.model.eval()
+        return kl_to_prior(*self.model.posterior(self._check_weights(w_std))).mean(0).cpu()
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, scale: float = 1.0) -> torch.Tensor:
         """``[n, k]`` draws from the prior N(0, I); ``scale`` < 1 is a lower temperature."""
