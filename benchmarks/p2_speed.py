@@ -1,11 +1,12 @@
 """P2 (speed): time to reach the held-out MSE of the seeds' VAE recipe, our trainer against that recipe (issue #5).
 
-Both runs train the same architecture (``VAEConfig.scaled(D)``, the mini profile's default) on the same
-data: the standardised mini weights dataset, split by identity with :func:`w2wlib.train.split_rows`.
+Both runs train the same architecture (the shipped mini VAE: ``SpacesConfig.preset("mini").vae_config``)
+on the same data: the standardised mini weights dataset, split by identity with :func:`w2wlib.train.split_rows`.
 
 - **Baseline** (the seeds' recipe): a plain loop over an in-RAM tensor, shuffled each epoch, batch 64,
   Adam at lr 1e-4 (constant), no clipping, the same KL annealing (β from :func:`w2wlib.train.beta_at`);
-- **Ours**: :func:`w2wlib.train.train_vae` with its defaults (AdamW, warm-up + cosine, clipping).
+- **Ours**: :func:`w2wlib.train.train_vae` with the shipped mini recipe (AdamW, warm-up + cosine, clipping),
+  streaming rows from the memory-mapped file, its schedules stretched to ``--steps``.
 
 Held-out reconstruction MSE (z = posterior mean, standardised space) is measured every ``--val-every``
 steps in both, with the wall time. The baseline's best held-out MSE is the target; the speed-up is the
@@ -17,6 +18,7 @@ baseline's time to its best over our time to first reach it. Run from the repo r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -36,16 +38,21 @@ def main() -> None:
     ap.add_argument("--dataset", default="data/dataset")
     ap.add_argument("--steps", type=int, default=6000, help="optimiser steps of each run")
     ap.add_argument("--val-every", type=int, default=250)
-    ap.add_argument("--latent", type=int, default=None, help="latent size (default: the scaled config's)")
     args = ap.parse_args()
 
     from w2wlib.data import open_weights
-    from w2wlib.spaces import VAEConfig, VAESpace
-    from w2wlib.train import TrainConfig, beta_at, split_rows, train_vae
+    from w2wlib.spaces import VAESpace
+    from w2wlib.spaces.build import SpacesConfig
+    from w2wlib.train import beta_at, split_rows, train_vae
 
     ds = open_weights(args.dataset)
-    arch = VAEConfig.scaled(ds.dim, latent=args.latent)
-    cfg = TrainConfig(steps=args.steps, val_every=args.val_every, log_every=args.val_every)
+    mini = SpacesConfig.preset("mini")
+    arch = mini.vae_config(ds.dim, ds.lora_layout())
+    recipe = mini.train_config()
+    stretch = args.steps / recipe.steps
+    cfg = dataclasses.replace(recipe, steps=args.steps, val_every=args.val_every, log_every=args.val_every,
+                              warmup=round(recipe.warmup * stretch), beta_warmup=round(recipe.beta_warmup * stretch),
+                              beta_ramp=round(recipe.beta_ramp * stretch), checkpoint_every=args.steps)
     tr, va = split_rows(len(ds), cfg.val_fraction, cfg.seed)
     x = ds.standardise(ds.rows(slice(0, len(ds))))                                  # [N, D] in RAM
     x_tr, x_val = x[tr], x[va]

@@ -75,3 +75,13 @@ def test_reconstruction_mse_per_identity(micro_spaces, micro_dataset):
     assert torch.all(reconstruction_mse(pca.truncated(1), x) >= got - 1e-6)      # fewer components, more error
     with pytest.raises(W2WError, match="standardised rows"):
         reconstruction_mse(pca, x[:, :-1])
+
+
+def test_a_token_vae_takes_its_tokens_from_the_dataset_layout(micro_dataset):
+    ds = open_weights(micro_dataset)
+    cfg = SpacesConfig(name="t", latent=4, vae={"arch": "tokens", "token_width": 8, "token_heads": 2})
+    vc = cfg.vae_config(ds.dim, ds.lora_layout())
+    assert vc.token_sizes == tuple(e.numel for e in ds.lora_layout().entries) and sum(vc.token_sizes) == ds.dim
+    assert VAESpace(vc).encode(ds.standardise(ds.rows([0, 1]))).shape == (2, 4)
+    with pytest.raises(W2WError, match="LoRA layout"):
+        cfg.vae_config(ds.dim)

@@ -69,10 +69,16 @@ class SpacesConfig:
 
         return TrainConfig(**{"seed": self.seed, **self.train})
 
-    def vae_config(self, dim: int):
+    def vae_config(self, dim: int, layout=None):
+        """The VAE's architecture for rows of length ``dim``; ``arch: tokens`` also needs the rows' LoRA layout."""
         from .vae import VAEConfig
 
-        return VAEConfig.scaled(dim, latent=self.latent, **self.vae)
+        extra = {}
+        if self.vae.get("arch") == "tokens" and "token_sizes" not in self.vae:
+            if layout is None:
+                raise W2WError("a token VAE needs the dataset's LoRA layout: vae_config(ds.dim, ds.lora_layout())")
+            extra["token_sizes"] = [e.numel for e in layout.entries]
+        return VAEConfig.scaled(dim, latent=self.latent, **self.vae, **extra)
 
 
 def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.device | str = "cpu",
@@ -94,7 +100,7 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
         d = {"dataset": ds.dataset_id or str(ds.folder.resolve()), "val_rows": val_rows.tolist()}
         if stage == "pca":
             return {**d, "pca_k": cfg.pca_k, "seed": cfg.seed}
-        return {**d, "vae": cfg.vae_config(ds.dim).to_dict(), "train": dataclasses.asdict(tcfg)}
+        return {**d, "vae": cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), "train": dataclasses.asdict(tcfg)}
 
     st = Stages(out, depends)
 
@@ -103,7 +109,7 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
             space = PCASpace.fit(ds, cfg.pca_k, rows=train_rows, seed=cfg.seed, device=device, progress=progress)
             space.save(out / "pca", overwrite=True)
             return {"explained_variance_ratio": float(space.explained_variance_ratio.sum()), "method": space.method}
-        space = VAESpace(cfg.vae_config(ds.dim), seed=cfg.seed).to(device)
+        space = VAESpace(cfg.vae_config(ds.dim, ds.lora_layout()), seed=cfg.seed).to(device)
         run_dir = st.work / "vae_run"
         history = train_vae(space, ds, tcfg, out_dir=run_dir, progress=progress)
         if (out / "vae").exists():
@@ -119,7 +125,7 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
     return write_manifest(
         out, artifact="the weight spaces of the mini weights dataset: PCA (w2w) and VAE (w2w++)",
         command=command or f"w2w spaces build --config {cfg.name} --out {out} --dataset {dataset}",
-        config=dataclasses.asdict(cfg), vae=cfg.vae_config(ds.dim).to_dict(), train=dataclasses.asdict(tcfg),
+        config=dataclasses.asdict(cfg), vae=cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), train=dataclasses.asdict(tcfg),
         dataset=str(dataset), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
         build_seconds={k: round(v, 1) for k, v in seconds.items()},
         results={s: {k: v for k, v in (m or {}).items() if k not in ("key", "seconds")} for s, m in markers.items()})

@@ -5,7 +5,8 @@ The seeds describe an MLP encoder that narrows through linear layers with non-li
 do not give the widths between 4,096 and 512; :meth:`VAEConfig.sd15` halves at each layer
 (4,096 -> 2,048 -> 1,024 -> latent 512). Normalisation, residual blocks, dropout and the noise
 augmentation of p-diff (Wang et al. 2024, "Neural Network Diffusion": noise on input parameters and
-latents) are options, off by default.
+latents) are options, off by default. ``arch="tokens"`` replaces the MLP with one token per LoRA module
+and a small transformer on each side (the seeds' "transformers to capture weight structure").
 
 The model computes its own loss (:meth:`WeightVAE.forward`); :mod:`w2wlib.train` optimises it.
 
@@ -61,9 +62,22 @@ class VAEConfig:
     dropout: float = 0.0                       # after each activation; regularises a small dataset
     input_noise: float = 0.0                   # std of Gaussian noise on inputs in training (p-diff augmentation)
     latent_noise: float = 0.0                  # std of Gaussian noise on latents in training (p-diff augmentation)
+    arch: str = "mlp"                          # "mlp" (the seeds'), or "tokens": one token per LoRA module
+    token_sizes: tuple[int, ...] = ()          # tokens: numel of each module's slice, in flat order (sums to dim)
+    token_width: int = 64                      # tokens: width of each module's token
+    token_layers: int = 2                      # tokens: transformer layers in the encoder and in the decoder
+    token_heads: int = 4                       # tokens: attention heads
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
+        self.token_sizes = tuple(int(t) for t in self.token_sizes)
+        if self.arch not in ("mlp", "tokens"):
+            raise W2WError(f"arch must be 'mlp' or 'tokens', not {self.arch!r}.")
+        if self.arch == "tokens" and (sum(self.token_sizes) != self.dim or min(self.token_sizes, default=0) < 1
+                                      or self.token_width % self.token_heads or self.token_layers < 1):
+            raise W2WError(f"arch='tokens' needs token_sizes (one per LoRA module, from the layout: "
+                           f"[e.numel for e in layout.entries]) summing to dim={self.dim:,} (got "
+                           f"{sum(self.token_sizes):,}), token_layers >= 1 and token_width divisible by token_heads.")
         if self.dim < 1 or self.latent < 1 or any(h < 1 for h in self.hidden):
             raise W2WError(f"VAEConfig needs positive sizes; got dim={self.dim}, hidden={self.hidden}, "
                            f"latent={self.latent}.")
@@ -91,7 +105,7 @@ class VAEConfig:
         return cls(**{"dim": dim, "hidden": hidden, "latent": k, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden), "token_sizes": list(self.token_sizes)}
 
 
 def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -128,8 +142,39 @@ def _stack(widths: list[int], cfg: VAEConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _Tokens(nn.Module):
+    """Per-module tokens and a transformer: the "transformers to capture weight structure" of the seeds.
+
+    ``direction="encode"``: ``[B, D]`` is cut into one slice per LoRA module, each projected by its own
+    Linear to a token of ``token_width``, plus a learnt embedding of the module; a transformer mixes the
+    tokens, which are flattened to ``[B, T * width]``. ``"decode"``: ``[B, k]`` -> T tokens -> transformer
+    -> each module's own Linear back to its slice -> ``[B, D]``.
+    """
+
+    def __init__(self, cfg: VAEConfig, direction: str):
+        super().__init__()
+        T, w = len(cfg.token_sizes), cfg.token_width
+        self.sizes, self.direction = list(cfg.token_sizes), direction
+        self.embed = nn.Parameter(torch.randn(T, w) * 0.02)
+        layer = nn.TransformerEncoderLayer(w, cfg.token_heads, 4 * w, dropout=cfg.dropout, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.mix = nn.TransformerEncoder(layer, cfg.token_layers, enable_nested_tensor=False)
+        if direction == "encode":
+            self.proj = nn.ModuleList(nn.Linear(n, w) for n in self.sizes)
+        else:
+            self.start = nn.Linear(cfg.latent, T * w)
+            self.proj = nn.ModuleList(nn.Linear(w, n) for n in self.sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direction == "encode":
+            tokens = torch.stack([p(part) for p, part in zip(self.proj, x.split(self.sizes, dim=1))], 1)
+            return self.mix(tokens + self.embed).flatten(1)                   # [B, T * w]
+        tokens = self.mix(self.start(x).view(len(x), *self.embed.shape) + self.embed)
+        return torch.cat([p(tokens[:, i]) for i, p in enumerate(self.proj)], 1)  # [B, D]
+
+
 class WeightVAE(nn.Module):
-    """MLP VAE: ``[B, D]`` -> (mu, logvar) ``[B, k]`` each -> ``[B, D]``.
+    """VAE over flat LoRAs: ``[B, D]`` -> (mu, logvar) ``[B, k]`` each -> ``[B, D]``; an MLP or per-module tokens.
 
     ``forward(x, beta, free_bits)`` returns the loss dict, so that DDP and autocast wrap the whole loss.
     """
@@ -137,6 +182,12 @@ class WeightVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
+        if config.arch == "tokens":
+            self.encoder = _Tokens(config, "encode")                   # [B, D] -> [B, T * w]
+            self.to_stats = nn.Linear(len(config.token_sizes) * config.token_width, 2 * config.latent)
+            self.decoder = _Tokens(config, "decode")                   # [B, k] -> [B, D]
+            self.out = nn.Identity()
+            return
         widths = [config.dim, *config.hidden]
         self.encoder = _stack(widths, config)                          # [B, D] -> [B, h_last]
         self.to_stats = nn.Linear(widths[-1], 2 * config.latent)       # -> [B, 2k] = (mu, logvar)
