@@ -386,7 +386,10 @@ def train_shards(identity_seeds: Sequence[int], folder: str | os.PathLike, *, un
         with _Frozen(vae):
             cls = _latents(torch.as_tensor(class_images), vae, unet, "class images").to(state.device)
     paths = []
-    for pos in mine:
+    from tqdm.auto import tqdm
+
+    for pos in tqdm(mine, desc=f"shards of {chunk_size} (process {state.process_index})", unit="shard",
+                    disable=not progress):
         path = folder / shard_name(pos[0], pos[-1])
         chunk_seeds = [seeds[p] for p in pos]
         if path.exists():
