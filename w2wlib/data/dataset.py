@@ -1,61 +1,12 @@
-"""The weights dataset: N identity LoRAs as an ``[N, D]`` matrix, read memory-mapped.
-
-One class, :class:`WeightsDataset`, reads two on-disk layouts; :func:`open_weights` tells them apart.
-
-**Ours** (written by :func:`save_weights`), one folder:
-
-- ``all_weights.safetensors``: tensor ``"weights"`` ``[N, D]``, float32 or float16 (w2w's ``all_weights.pt``);
-- ``mean.safetensors`` / ``std.safetensors``: tensors ``"mean"`` / ``"std"`` ``[D]`` float32, computed in
-  float64 over the stored rows, std with Bessel's correction (w2w's ``mean.pt`` / ``std.pt``);
-- ``weight_dimensions.json``: ``[[key, [rows, cols]], ...]`` in flat order, peft keys
-  ``base_model.model.<module>.lora_A.weight`` (w2w's ``weight_dimensions.pt``);
-- ``layout.json``: ``LoraLayout.to_dict()``, with rank and ``lora_alpha`` (w2w's ``adapter_config.json``);
-- ``attributes.csv`` (optional): ``identity_seed`` then one 0/1 column per attribute, one row per
-  identity in row order (w2w's ``identity_df.pt``, without the pickle);
-- ``identities.json``: ``{"format", "version", "dataset_id", "n", "dim", "dtype", "identity_seeds",
-  "extra"}``; ``extra`` holds held-out seeds and training hyperparameters.
-
-Every file carries the same random ``dataset_id`` (in the safetensors metadata and in
-``identities.json``), so files from two different saves are caught on open.
-
-**Public w2w** (``Snapchat/weights2weights``, fetched by :func:`download_w2w`), either as on the hub
-(``files/*.pt`` and ``weights_datasets/identities/all_weights.pt``) or all in one flat folder:
-``all_weights.pt`` ``[64974, 99648]`` float32, ``mean.pt`` / ``std.pt`` ``[99648]``, ``weight_dimensions.pt``
-(ordered ``key -> [[numel], shape]``, the flat order) and ``identity_df.pt`` (a pickled pandas DataFrame:
-refused unless ``trust_pickles=True``; an ``attributes.csv`` next to it is read instead).
-
-Memory-mapping: ours maps ``all_weights.safetensors`` with ``torch.UntypedStorage.from_file(shared=False)``
-(a private, copy-on-write ``mmap``) and views the data region given by the header; the public
-file is opened with ``torch.load(weights_only=True, mmap=True)``. Pages are read only when rows are
-touched, so opening a 26 GB file is instant, and writing to ``ds.weights`` never reaches the file.
-
-Reading: :meth:`WeightsDataset.rows` (and everything built on it: ``iter_batches``, the trainer, the
-streaming PCA) does not fault the mapping in. It reads the rows' bytes from the file with ``os.preadv``
-into a fresh buffer (at the data offset found in the safetensors header, or in the zip record of the
-``.pt`` file), so the process's resident memory holds only the batch: a pass over a 26 GB file keeps RSS
-bounded, while the kernel's page cache still serves repeated passes.
-
-Example:
-    >>> ds = open_weights("data/dataset")                      # doctest: +SKIP
-    >>> len(ds), ds.dim                                         # doctest: +SKIP
-    (4000, 5376)
-    >>> for batch in ds.iter_batches(256, shuffle=True):        # [B, D] float32  # doctest: +SKIP
-    ...     z = ds.standardise(batch)
-"""
+"""Reading a weights dataset, memory-mapped: :class:`WeightsDataset` and :func:`open_weights` (see :mod:`w2wlib.data`)."""
 
 from __future__ import annotations
 
-import collections
-import csv
-import io
 import json
-import logging
 import math
 import os
 import pickle
-import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -63,35 +14,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ArtifactMissingError, LayoutError, W2WError
-from .lora import PEFT_PREFIX, LoraLayout
-from .lora_io import layout_from_weight_dimensions
-
-__all__ = ["WeightsDataset", "open_weights", "save_weights", "export_w2w_layout", "download_w2w",
-           "write_attributes_csv", "OURS_FILES", "W2W_FILES"]
-
-logger = logging.getLogger(__name__)
-
-OURS_FILES = dict(weights="all_weights.safetensors", mean="mean.safetensors", std="std.safetensors",
-                  weight_dimensions="weight_dimensions.json", layout="layout.json",
-                  attributes="attributes.csv", identities="identities.json")
-W2W_FILES = dict(weights="all_weights.pt", mean="mean.pt", std="std.pt",
-                 weight_dimensions="weight_dimensions.pt", identity_df="identity_df.pt")
-W2W_REPO = "Snapchat/weights2weights"
-_W2W_DIRS = ("files", "weights_datasets/identities", ".")  # hub arrangement first, then flat
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-_BUILD_OURS = "write it again with w2wlib.data.save_weights"
-_GET_W2W = "fetch it with `w2wlib.data.download_w2w(folder{})`"
-
-
-def _hub_path(name: str) -> str:
-    return f"weights_datasets/identities/{name}" if name == W2W_FILES["weights"] else f"files/{name}"
-
-
-def _missing(path: Path, how: str) -> ArtifactMissingError:
-    return ArtifactMissingError(f"{path.name} is missing from {path.parent}: {how}.")
-
+from ..errors import ArtifactMissingError, LayoutError, W2WError
+from ..lora import PEFT_PREFIX, LoraLayout
+from ..lora_io import layout_from_weight_dimensions
+from .formats import (_BUILD_OURS, _GET_W2W, _ST_DTYPES, _W2W_DIRS, OURS_FILES, W2W_FILES, _bad_rows,
+                      _layout_weight_dimensions, _missing, _read_attributes_csv, _to_binary, logger)
 
 def _mmap_safetensors(path: Path, name: str = "weights") -> tuple[torch.Tensor, dict[str, str], int]:
     """Tensor ``name`` of a safetensors file as a private mmap (never read whole), the metadata, and the
@@ -179,53 +106,6 @@ def _pt_row_file(path: Path, t: torch.Tensor) -> _RowFile | None:
     except (OSError, zipfile.BadZipFile):
         return None
     return _RowFile(path, data + t.storage_offset() * t.element_size(), tuple(t.shape), t.dtype)
-
-
-def _bad_rows(block: torch.Tensor, offset: int) -> list[int]:
-    return (offset + torch.nonzero(~torch.isfinite(block).all(dim=1)).flatten()).tolist()
-
-
-def _to_binary(name: str, values: Any, n: int, strict: bool = True) -> np.ndarray | None:
-    arr = np.asarray(values)
-    if arr.shape != (n,):
-        raise W2WError(f"Attribute {name!r} has shape {arr.shape} but the weights have {n:,} rows.")
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    if arr.dtype.kind in "iuf":
-        vals = set(np.unique(arr).tolist())
-        if vals <= {0, 1}:
-            return arr.astype(np.uint8)
-        if vals <= {-1, 1}:  # CelebA's own -1/1 coding
-            return (arr > 0).astype(np.uint8)
-    if strict:
-        raise W2WError(f"Attribute {name!r} must hold 0/1 (or bool) values; got {arr.dtype} {arr[:5]}.")
-    logger.warning("Skipping attribute %r: not a 0/1 column.", name)
-    return None
-
-
-def _attributes_csv_text(attributes: Mapping[str, np.ndarray], index: Sequence[Any],
-                         index_name: str = "identity_seed") -> str:
-    buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow([index_name, *attributes])
-    cols = [np.asarray(v) for v in attributes.values()]
-    for i, idx in enumerate(index):
-        wr.writerow([idx, *(int(c[i]) for c in cols)])
-    return buf.getvalue()
-
-
-def _read_attributes_csv(path: Path, n: int) -> tuple[list[str], dict[str, np.ndarray]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or len(rows) - 1 != n:
-        raise W2WError(f"{path} has {max(len(rows) - 1, 0):,} identities but all_weights has {n:,} rows: "
-                       f"files from different datasets? {_BUILD_OURS}.")
-    names, body = rows[0][1:], rows[1:]
-    try:
-        data = np.array([[int(v) for v in r[1:]] for r in body], dtype=np.int64).reshape(n, len(names))
-    except ValueError as err:
-        raise W2WError(f"{path}: every attribute must be an integer 0/1 ({err}).") from err
-    return [r[0] for r in body], {k: _to_binary(k, data[:, j], n) for j, k in enumerate(names)}
 
 
 class WeightsDataset:
@@ -517,11 +397,6 @@ def _check_modules(layout: LoraLayout, unet_or_names: Any) -> None:
                           f"UNet: {bad[:5]}: wrong base model?")
 
 
-def _layout_weight_dimensions(layout: LoraLayout) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{PEFT_PREFIX}{e.module}.lora_{ab}.weight", s) for e in layout.entries
-            for ab, s in (("A", e.a_shape), ("B", e.b_shape))]
-
-
 def open_weights(folder: str | os.PathLike, layout: str | None = None, *,
                  trust_pickles: bool = False) -> WeightsDataset:
     """Open a weights dataset, detecting the layout (``"ours"`` or ``"w2w"``) unless given.
@@ -531,210 +406,3 @@ def open_weights(folder: str | os.PathLike, layout: str | None = None, *,
     >>> ds = open_weights("hub_download/")      # files/ + weights_datasets/identities/   # doctest: +SKIP
     """
     return WeightsDataset(folder, layout, trust_pickles=trust_pickles)
-
-
-# ---------------------------------------------------------------------- writing
-
-
-class _AtomicFiles:
-    """Write every file under a temporary name, then rename all; on error remove the temporaries."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.tmp = folder, {}
-
-    def path(self, name: str) -> Path:
-        self.tmp[name] = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        return self.tmp[name]
-
-    def text(self, name: str, text: str) -> None:
-        with open(self.path(name), "w", newline="", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def __enter__(self) -> "_AtomicFiles":
-        return self
-
-    def __exit__(self, exc_type, *_: Any) -> None:
-        if exc_type is None:
-            for name, p in self.tmp.items():
-                os.replace(p, self.folder / name)
-        for p in self.tmp.values():
-            p.unlink(missing_ok=True)
-
-
-def _write_weights_safetensors(path: Path, weights: torch.Tensor, dtype: torch.dtype,
-                               meta: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream ``weights`` into a safetensors file in row chunks; return float64 mean and std ``[D]``."""
-    n, d = weights.shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header = {"__metadata__": meta,
-              "weights": {"dtype": _ST_CODES[dtype], "shape": [n, d], "data_offsets": [0, n * d * itemsize]}}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)  # keeps the data 8-byte aligned, as safetensors does
-    mean, m2, count, bad = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0, []
-    chunk = max(1, (1 << 22) // max(d, 1))  # rows per chunk: about 32 MB in float64
-    with open(path, "wb") as f:
-        f.write(len(hb).to_bytes(8, "little") + hb)
-        for s in range(0, n, chunk):
-            block = weights[s:s + chunk].detach().to("cpu", dtype).contiguous()
-            bad += _bad_rows(block, s)
-            if bad:
-                continue
-            f.write(block.view(torch.uint8).numpy())
-            x = block.double()
-            bm, k = x.mean(0), x.shape[0]
-            delta = bm - mean
-            mean += delta * (k / (count + k))
-            m2 += ((x - bm) ** 2).sum(0) + delta ** 2 * (count * k / (count + k))
-            count += k
-        if bad:
-            raise W2WError(f"{len(bad):,} row(s) are NaN/inf in {dtype} (first rows {bad[:10]}); nothing "
-                           f"was written. Fix or drop those rows (float16 overflows above 65504).")
-        f.flush()
-        os.fsync(f.fileno())
-    return mean, (m2 / (n - 1)).sqrt()
-
-
-def save_weights(folder: str | os.PathLike, weights: torch.Tensor, layout: LoraLayout, *,
-                 attributes: Mapping[str, Any] | None = None, identity_seeds: Sequence[int] | None = None,
-                 extra: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-                 overwrite: bool = False) -> Path:
-    """Write ``weights`` ``[N, D]`` as OUR layout (see the module docstring); returns the folder.
-
-    Everything is validated before anything is written, every file is written under a temporary
-    name and renamed into place, and an existing dataset is only replaced with ``overwrite=True``.
-
-    >>> save_weights("data/dataset", W, layout, attributes={"Male": male}, identity_seeds=seeds,
-    ...              extra={"held_out_seeds": [7, 9], "steps": 800}, dtype=torch.float16)  # doctest: +SKIP
-    """
-    folder = Path(folder)
-    if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or not weights.is_floating_point():
-        raise W2WError(f"weights must be a 2-D float tensor [N, D], not {getattr(weights, 'shape', weights)}.")
-    n, d = weights.shape
-    if d != layout.dim:
-        raise LayoutError(f"weights have {d:,} columns but the layout needs {layout.dim:,}: wrong layout?")
-    if n < 2:
-        raise W2WError(f"A dataset needs at least 2 rows to have a std; got {n}.")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise W2WError(f"dtype must be float32, float16 or bfloat16, not {dtype}.")
-    attrs = {}
-    for name, v in (attributes or {}).items():
-        if not isinstance(name, str) or not name or name == "identity_seed" or any(c in name for c in ',"\n'):
-            raise W2WError(f"Attribute name {name!r} is not a plain CSV column name.")
-        attrs[name] = _to_binary(name, v, n)
-    seeds = None if identity_seeds is None else [int(s) for s in identity_seeds]
-    if seeds is not None and (len(seeds) != n or len(set(seeds)) != n):
-        raise W2WError(f"identity_seeds must be {n:,} distinct ints, one per row; got {len(seeds):,} "
-                       f"({len(set(seeds)):,} distinct).")
-    dataset_id = uuid.uuid4().hex
-    try:
-        info = json.dumps({"format": "w2wlib-weights-dataset", "version": 1, "dataset_id": dataset_id,
-                           "n": n, "dim": d, "dtype": str(dtype).replace("torch.", ""),
-                           "identity_seeds": seeds, "extra": dict(extra or {})}, indent=1)
-    except TypeError as err:
-        raise W2WError(f"extra must be JSON-serialisable ({err}).") from err
-    existing = [v for v in OURS_FILES.values() if (folder / v).exists()]
-    if existing and not overwrite:
-        raise W2WError(f"{folder} already holds a weights dataset ({', '.join(existing)}); pass "
-                       f"overwrite=True to replace it, or choose another folder.")
-    folder.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    meta = {"format": "pt", "w2wlib": "weights-dataset", "dataset_id": dataset_id}
-    with _AtomicFiles(folder) as out:
-        mean, std = _write_weights_safetensors(out.path(OURS_FILES["weights"]), weights, dtype, meta)
-        const = torch.nonzero(~(std > 0)).flatten()
-        if const.numel():
-            raise W2WError(f"{const.numel():,} column(s) are constant over all {n:,} rows (first "
-                           f"{const[:5].tolist()}), so std would be 0; nothing was written.")
-        for key, t in (("mean", mean), ("std", std)):
-            save_file({key: t.float().contiguous()}, str(out.path(OURS_FILES[key])), metadata=meta)
-        out.text(OURS_FILES["layout"], json.dumps(layout.to_dict(), indent=1))
-        out.text(OURS_FILES["weight_dimensions"], json.dumps(
-            [[k, list(s)] for k, s in _layout_weight_dimensions(layout)], indent=0))
-        if attrs:
-            out.text(OURS_FILES["attributes"], _attributes_csv_text(attrs, seeds or range(n)))
-        out.text(OURS_FILES["identities"], info)
-    for stale in set(existing) - set(out.tmp):  # e.g. an old attributes.csv the new save lacks
-        (folder / stale).unlink(missing_ok=True)
-    logger.info("Saved weights dataset %s: %d x %d %s", folder, n, d, dtype)
-    return folder
-
-
-def write_attributes_csv(path: str | os.PathLike, attributes: Mapping[str, Any],
-                         index: Sequence[Any] | None = None, index_name: str = "identity_seed") -> Path:
-    """Write attributes (name -> 0/1 ``[N]``) as CSV, atomically; first column ``index`` (default 0..N-1)."""
-    path = Path(path)
-    n = len(next(iter(attributes.values()))) if attributes else 0
-    attrs = {k: _to_binary(k, v, n) for k, v in attributes.items()}
-    with _AtomicFiles(path.parent) as out:
-        out.text(path.name, _attributes_csv_text(attrs, range(n) if index is None else index, index_name))
-    return path
-
-
-def export_w2w_layout(dataset: WeightsDataset, folder: str | os.PathLike, *, arrangement: str = "hub",
-                      overwrite: bool = False) -> Path:
-    """Write ``dataset`` as w2w does: ``all_weights.pt`` (float32), ``mean.pt``, ``std.pt``, ``weight_dimensions.pt``.
-
-    ``arrangement="hub"`` mirrors the hub repo (``files/`` + ``weights_datasets/identities/``),
-    ``"flat"`` puts everything in ``folder``. Attributes go to ``attributes.csv`` (not a pickle).
-    ``all_weights.pt`` is written with ``torch.save``, so the float32 matrix is held in memory once.
-    """
-    folder = Path(folder)
-    if arrangement not in ("hub", "flat"):
-        raise W2WError(f"arrangement must be 'hub' or 'flat', not {arrangement!r}.")
-    where = {n: folder / (_hub_path(n) if arrangement == "hub" else n) for n in W2W_FILES.values()}
-    if where[W2W_FILES["weights"]].exists() and not overwrite:
-        raise W2WError(f"{where[W2W_FILES['weights']]} exists; pass overwrite=True to replace it.")
-    wd = collections.OrderedDict((k, [[math.prod(s)], torch.Size(s)]) for k, s in dataset.weight_dimensions)
-    objs = {W2W_FILES["weights"]: dataset.rows(slice(None)), W2W_FILES["mean"]: dataset.mean.clone(),
-            W2W_FILES["std"]: dataset.std.clone(), W2W_FILES["weight_dimensions"]: wd}
-    for name, obj in objs.items():
-        where[name].parent.mkdir(parents=True, exist_ok=True)
-        with _AtomicFiles(where[name].parent) as out:
-            torch.save(obj, out.path(name))
-    attrs = dataset.attributes if dataset.layout == "ours" else dataset._attributes  # never unpickle here
-    if attrs:
-        write_attributes_csv(where[W2W_FILES["weights"]].parent / OURS_FILES["attributes"], attrs,
-                             dataset.identity_seeds)
-    return folder
-
-
-def download_w2w(local_dir: str | os.PathLike, *, files: Sequence[str] = (
-        "mean.pt", "std.pt", "V.pt", "weight_dimensions.pt", "adapter_config.json"),
-        include_all_weights: bool = False, repo_id: str = W2W_REPO, revision: str | None = None) -> Path:
-    """Fetch w2w's public files into ``local_dir`` in the hub arrangement; returns ``local_dir``.
-
-    ``files`` are names under ``files/`` (add ``"identity_df.pt"`` or ``"proj_1000pc.pt"`` as needed);
-    ``include_all_weights`` adds the 26 GB ``weights_datasets/identities/all_weights.pt``. ``repo_id``
-    may be a local folder holding a copy of the repo (then files are copied from it, no network).
-
-    >>> ds = open_weights(download_w2w("w2w", include_all_weights=True))    # doctest: +SKIP
-    """
-    local_dir = Path(local_dir)
-    patterns = [_hub_path(f) for f in files]
-    if include_all_weights:
-        patterns.append(_hub_path(W2W_FILES["weights"]))
-        logger.info("Downloading all_weights.pt (about 26 GB) from %s", repo_id)
-    if Path(repo_id).is_dir():
-        for p in patterns:
-            src, dst = Path(repo_id) / p, local_dir / p
-            if not src.is_file():
-                raise ArtifactMissingError(f"{src} is missing from the local copy of the w2w repo {repo_id}.")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-    else:
-        import huggingface_hub
-
-        try:
-            huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_dir=str(local_dir),
-                                              revision=revision)
-        except Exception as err:  # offline, unknown repo, auth: say what to do
-            raise W2WError(f"Could not download {patterns} from {repo_id} ({type(err).__name__}: {err}). "
-                           f"Check the network (HF_HUB_OFFLINE must be unset), or download the files on "
-                           f"another machine and pass repo_id=<that folder>.") from err
-    missing = [p for p in patterns if not (local_dir / p).is_file()]
-    if missing:
-        raise ArtifactMissingError(f"{repo_id} did not provide {missing}: check the file names.")
-    return local_dir
