@@ -1,7 +1,7 @@
 """P2 (speed): time to reach the held-out MSE of the seeds' VAE recipe, our trainer against that recipe (issue #5).
 
 Both runs train the same architecture (the shipped mini VAE: ``SpacesConfig.preset("mini").vae_config``)
-on the same data: the standardised mini weights dataset, split by identity with :func:`w2wlib.train.split_rows`.
+on the same data: the standardised mini weights dataset, split by identity as the trainer does (``TrainConfig.split``).
 
 - **Baseline** (the seeds' recipe): a plain loop over an in-RAM tensor, shuffled each epoch, batch 64,
   Adam at lr 1e-4 (constant), no clipping, the same KL annealing (β from :func:`w2wlib.train.beta_at`);
@@ -43,7 +43,7 @@ def main() -> None:
     from w2wlib.data import open_weights
     from w2wlib.spaces import VAESpace
     from w2wlib.spaces.build import SpacesConfig
-    from w2wlib.train import beta_at, split_rows, train_vae
+    from w2wlib.train import beta_at, train_vae
 
     ds = open_weights(args.dataset)
     mini = SpacesConfig.preset("mini")
@@ -53,7 +53,7 @@ def main() -> None:
     cfg = dataclasses.replace(recipe, steps=args.steps, val_every=args.val_every, log_every=args.val_every,
                               warmup=round(recipe.warmup * stretch), beta_warmup=round(recipe.beta_warmup * stretch),
                               beta_ramp=round(recipe.beta_ramp * stretch), checkpoint_every=args.steps)
-    tr, va = split_rows(len(ds), cfg.val_fraction, cfg.seed)
+    tr, va = cfg.split(len(ds))                                     # train_vae's split
     x = ds.standardise(ds.rows(slice(0, len(ds))))                                  # [N, D] in RAM
     x_tr, x_val = x[tr], x[va]
     print(f"{ds}: {len(tr)} train / {len(va)} held-out identities; VAE {arch}; {args.steps} steps each; "

@@ -47,14 +47,14 @@ def main() -> None:
     from w2wlib.metrics import reconstruction_mse
     from w2wlib.spaces import PCASpace, VAESpace
     from w2wlib.spaces.build import SpacesConfig
-    from w2wlib.train import split_rows, train_vae
+    from w2wlib.train import train_vae
 
     ds = open_weights(args.dataset)
     mini = SpacesConfig.preset("mini")
     recipe = mini.train_config()
     if args.steps:
         recipe = dataclasses.replace(recipe, steps=args.steps)
-    tr, va = split_rows(len(ds), recipe.val_fraction, recipe.seed if recipe.split_seed is None else recipe.split_seed)
+    tr, va = recipe.split(len(ds))
     x_val = ds.standardise(ds.rows(va))
     pca = PCASpace.fit(ds, mini.latent, rows=tr)
     print(f"{ds}; {len(tr)} train / {len(va)} held-out identities; latent {mini.latent}; {recipe.steps} steps; "

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import w2wlib.world.encoder as E
+import w2wlib.world.encoder_training as T
 from w2wlib.errors import ArtifactMissingError, W2WError
 from w2wlib.world.encoder import (HELD_OUT_BASE, EncoderConfig, IdentityEncoder, id_score,
                                   load_encoder, pairwise_id_scores, roc_auc, roc_curve,
-                                  save_encoder, train_encoder, verification)
+                                  save_encoder, verification)
+from w2wlib.world.encoder_training import train_encoder
 from w2wlib.world.render import ATTRIBUTES, render_ids
 
 
@@ -196,13 +197,13 @@ def test_training_is_deterministic_and_seeded():
 
 def test_training_never_sees_held_out_identities(monkeypatch):
     seen = []
-    real = E._render_batch
+    real = T._render_batch
 
     def spy(ids, img_seeds):
         seen.append(np.asarray(ids).copy())
         return real(ids, img_seeds)
 
-    monkeypatch.setattr(E, "_render_batch", spy)
+    monkeypatch.setattr(T, "_render_batch", spy)
     train_encoder(tiny(steps=3), progress=False)
     ids = np.concatenate(seen)
     assert len(ids) == 3 * 16 and ids.max() < HELD_OUT_BASE

@@ -68,6 +68,9 @@ def test_split_is_by_row_deterministic_and_disjoint():
     assert len(va) == 10 and not set(tr.tolist()) & set(va.tolist()) and len(tr) + len(va) == 50
     assert torch.equal(split_rows(50, 0.2, seed=3)[1], va) and not torch.equal(split_rows(50, 0.2, seed=4)[1], va)
     assert len(split_rows(50, 0.0, seed=3)[1]) == 0
+    # a run's split follows split_seed when it is set, else the run's seed
+    assert torch.equal(TrainConfig(seed=3, val_fraction=0.2).split(50)[1], va)
+    assert torch.equal(TrainConfig(seed=9, split_seed=3, val_fraction=0.2).split(50)[1], va)
 
 
 # ---------------------------------------------------------------------- training

@@ -100,6 +100,10 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise W2WError(f"mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}.")
 
+    def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This run's (train, val) rows of an ``n``-row dataset: :func:`split_rows` with ``split_seed`` (or ``seed``)."""
+        return split_rows(n, self.val_fraction, self.seed if self.split_seed is None else self.split_seed)
+
 
 def beta_at(step: int, cfg: TrainConfig) -> float:
     """The KL weight β at (0-based) optimiser step ``step``.
@@ -223,7 +227,7 @@ def train_vae(space_or_model: VAESpace | WeightVAE, data: Any, cfg: TrainConfig 
                        f"build it with VAEConfig.scaled({src.dim}) or use the matching dataset.")
     acc = accelerator or _make_accelerator(cfg)
     rank, nproc = acc.process_index, acc.num_processes
-    train_rows, val_rows = split_rows(src.n, cfg.val_fraction, cfg.seed if cfg.split_seed is None else cfg.split_seed)
+    train_rows, val_rows = cfg.split(src.n)
     if cfg.batch_size % nproc or train_rows.numel() < cfg.batch_size:
         raise W2WError(f"batch_size={cfg.batch_size} must divide evenly over {nproc} process(es) and be at most "
                        f"the {train_rows.numel():,} training rows: lower batch_size or val_fraction.")

@@ -85,14 +85,14 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
                  command: str | None = None, progress: bool = True) -> dict:
     """Fit the PCA and train the VAE of the weights dataset in ``dataset`` into ``out``; returns the manifest."""
     from ..data import open_weights
-    from ..train import split_rows, train_vae
+    from ..train import train_vae
     from .pca import PCASpace
     from .vae import VAESpace
 
     out, dataset = Path(out), Path(dataset)
     ds = open_weights(dataset)
     tcfg = cfg.train_config()
-    train_rows, val_rows = split_rows(len(ds), tcfg.val_fraction, tcfg.seed if tcfg.split_seed is None else tcfg.split_seed)
+    train_rows, val_rows = tcfg.split(len(ds))
     if cfg.pca_k > len(train_rows):
         raise W2WError(f"pca_k={cfg.pca_k} exceeds the {len(train_rows)} training identities; lower it")
 

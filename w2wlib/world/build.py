@@ -98,6 +98,7 @@ def build_world(out: Path, cfg: WorldConfig, *, device: torch.device, command: s
                 progress: bool = True, stages: tuple[str, ...] = STAGES) -> dict:
     """Build (or finish building) the mini world into ``out``; returns the manifest."""
     from . import check, encoder as E
+    from .encoder_training import train_encoder
 
     out = Path(out)
     st = Stages(out, cfg.stage_config)
@@ -116,7 +117,7 @@ def build_world(out: Path, cfg: WorldConfig, *, device: torch.device, command: s
     def run(stage: str) -> dict:
         extra: dict = {}
         if stage == "teacher":
-            teacher, _ = E.train_encoder(cfg.teacher_config(), device=device, progress=progress)
+            teacher, _ = train_encoder(cfg.teacher_config(), device=device, progress=progress)
             E.save_encoder(teacher, st.work / "teacher")
         elif stage == "autoencoder":
             model = P.train_autoencoder(cfg.autoencoder, device=device, progress=progress,
@@ -141,7 +142,7 @@ def build_world(out: Path, cfg: WorldConfig, *, device: torch.device, command: s
         elif stage == "encoder":
             ecfg = cfg.encoder_config()
             ae = vae()
-            enc, history = E.train_encoder(ecfg, device=device, recon_fn=lambda x: P.autoencode(ae, x), progress=progress)
+            enc, history = train_encoder(ecfg, device=device, recon_fn=lambda x: P.autoencode(ae, x), progress=progress)
             E.save_encoder(enc, enc_dir)
             extra["final_loss"] = history[-1] if history else None
         elif stage == "check":
