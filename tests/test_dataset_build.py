@@ -71,3 +71,52 @@ def test_a_live_fine_tune_gives_back_the_dataset_rows(micro_dataset, micro_world
     assert not torch.allclose(fewer, W)
     with pytest.raises(W2WError, match="class images"):
         fine_tune(pipe, seeds, cfg, pool[:2], progress=False)                 # the config says another pool size
+
+
+def test_the_shipped_dataset_loads_both_ways_and_its_rows_generate_their_identities(tmp_path):
+    """data/dataset as committed: intact, readable through the public-layout path, rows load in diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    from w2wlib import project_root
+    from w2wlib.data import export_w2w_layout
+    from w2wlib.generate import image_generator
+    from w2wlib.lora_io import save_diffusers_lora
+    from w2wlib.metrics import identity_scores
+    from w2wlib.world.encoder import load_encoder
+    from w2wlib.world.render import EVAL_VIEWS, identity_views
+
+    root = project_root()
+    folder, world = root / "data" / "dataset", root / "data" / "world"
+    assert verify_manifest(folder) == []
+    ds = open_weights(folder)
+    cfg = DatasetConfig.preset("mini")
+    assert len(ds) == cfg.n_train >= 4096 and len(ds.held_out_seeds) == cfg.n_held_out >= 256
+    assert ds.identity_seeds == training_seeds(cfg).tolist() and ds.extra["dreambooth"]["shared_init"]
+    oracle = json.loads((folder / "manifest.json").read_text())["oracle"]
+    assert oracle["margin_over_base"] > 0.1 and oracle["margin_over_other"] > 0.05
+    pub = open_weights(export_w2w_layout(ds, tmp_path / "w2w", arrangement="flat"), layout="w2w")
+    rows = [0, 1234, len(ds) - 1]
+    assert torch.equal(pub.rows(rows), ds.rows(rows)) and pub.lora_layout().entries == ds.lora_layout().entries
+    pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    enc = load_encoder(world / "identity_encoder")
+    prompt, n, ids = ds.extra["dreambooth"]["instance_prompt"], 4, [0, 1, 2, 3]
+    kw = dict(height=64, width=64, num_inference_steps=10, guidance_scale=4.0, output_type="np")
+
+    def images():
+        out = pipe([prompt] * n, generator=[image_generator(0, j) for j in range(n)], **kw).images
+        return (out * 255).round().astype(np.uint8)
+
+    base = images()
+    own, floor = [], []
+    for i in ids:
+        save_diffusers_lora(ds.rows([i])[0], ds.lora_layout(pipe.unet), tmp_path / f"row{i}")
+        pipe.load_lora_weights(str(tmp_path / f"row{i}"), adapter_name=f"row{i}")   # diffusers' own loader
+        try:
+            gen = images()
+        finally:
+            pipe.unload_lora_weights()
+        renders = identity_views([ds.identity_seeds[i]], n, EVAL_VIEWS)
+        own.append(float(identity_scores(enc, gen, renders, n, n)[0]))
+        floor.append(float(identity_scores(enc, base, renders, n, n)[0]))
+    assert np.mean(own) > np.mean(floor) + 0.08, (own, floor)
