@@ -324,3 +324,33 @@ def test_token_vae_maps_modules_saves_exactly_and_learns(tmp_path):
         VAEConfig(dim=60, arch="tokens", token_sizes=(8, 24))
     with pytest.raises(W2WError, match="arch must be"):
         VAEConfig(dim=60, arch="conv")
+
+
+def test_a_linear_vae_learns_what_the_svd_finds_and_a_linear_path_adds_to_the_mlp(tmp_path):
+    """hidden=() is a linear VAE: trained at β = 0 it reconstructs as well as the top-k SVD (the reference).
+
+    ``linear_skip`` adds a linear path to the MLP: with the MLP's output zeroed the decoder is exactly it.
+    """
+    from w2wlib.metrics import reconstruction_mse
+    from w2wlib.train import TrainConfig, train_vae
+
+    x = low_rank(512, 40, rank=4, noise=0.3, seed=5)
+    x = x / x.std(0)
+    train, val = x[:448], x[448:]
+    pca_err = float(reconstruction_mse(PCASpace.fit(train, 4), val).mean())
+    linear = VAESpace(VAEConfig(dim=40, hidden=(), latent=4), seed=0)
+    train_vae(linear, train, TrainConfig(steps=600, batch_size=64, lr=1e-2, warmup=20, beta_warmup=600, beta_ramp=0,
+                                         val_fraction=0.1, log_every=100, val_every=600), progress=False)
+    vae_err = float(reconstruction_mse(linear, val).mean())
+    assert vae_err < 1.05 * pca_err and pca_err < 0.5, (vae_err, pca_err)
+
+    cfg = VAEConfig(dim=40, hidden=(16,), latent=4, linear_skip=True, dropout=0.2)
+    space = VAESpace(cfg, seed=1)
+    m = space.model
+    z = torch.randn(5, 4)
+    with torch.no_grad():
+        m.out.weight.zero_(), m.out.bias.zero_()
+    torch.testing.assert_close(space.decode(z), m.skip_out(z), rtol=0, atol=0)
+    space.save(tmp_path / "skip")
+    loaded = load_space(tmp_path / "skip")
+    assert loaded.config == cfg and torch.equal(loaded.encode(val), space.encode(val))

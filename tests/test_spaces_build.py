@@ -85,3 +85,33 @@ def test_a_token_vae_takes_its_tokens_from_the_dataset_layout(micro_dataset):
     assert VAESpace(vc).encode(ds.standardise(ds.rows([0, 1]))).shape == (2, 4)
     with pytest.raises(W2WError, match="LoRA layout"):
         cfg.vae_config(ds.dim)
+
+
+def test_the_shipped_spaces_load_reconstruct_held_out_identities_and_sample():
+    """data/spaces: both spaces load, reproduce the VAE's recorded held-out error, and sample finite weights."""
+    from w2wlib.metrics import reconstruction_mse
+    from w2wlib.profile import load_profile
+
+    folder = load_profile("mini").path("spaces_dir")
+    assert verify_manifest(folder) == []
+    manifest = json.loads((folder / "manifest.json").read_text())
+    ds = open_weights(load_profile("mini").path("dataset_dir"))
+    split = json.loads((folder / "split.json").read_text())
+    assert set(split["train"]).isdisjoint(split["val"]) and len(split["train"]) + len(split["val"]) == len(ds)
+    cfg = SpacesConfig.from_manifest(folder)
+    assert cfg == SpacesConfig.preset("mini")                        # the preset is what was shipped
+    pca, vae = load_space(folder / "pca"), load_space(folder / "vae")
+    assert isinstance(pca, PCASpace) and isinstance(vae, VAESpace) and vae.latent_dim == cfg.latent
+    assert torch.equal(pca.mean, ds.mean) and torch.equal(vae.std, ds.std)
+    x_val = ds.standardise(ds.rows(split["val"]))
+    with torch.no_grad():
+        mse_vae = float(reconstruction_mse(vae, x_val).mean())
+        mse_pca = float(reconstruction_mse(pca.truncated(cfg.latent), x_val).mean())
+    assert mse_vae == pytest.approx(manifest["results"]["vae"]["val_recon"], abs=1e-4)
+    assert 0.5 < mse_vae < 1.0 and 0.5 < mse_pca < 1.0           # both explain part of held-out identities
+    g = torch.Generator().manual_seed(0)
+    for space in (pca, vae):
+        with torch.no_grad():
+            w = space.unstandardise(space.decode(space.sample(3, g)))
+        assert w.shape == (3, ds.dim) and torch.isfinite(w).all()
+        assert 0.2 < float(w.std() / ds.rows([0, 1, 2]).std()) < 5   # samples are at the data's scale

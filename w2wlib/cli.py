@@ -95,6 +95,14 @@ def _cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it: manifests record portable commands."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _builder_paths(args: argparse.Namespace, out_key: str, input_flag: str, input_key: str):
     """(profile, out, input folder, the exact command) of a `w2w dataset|spaces build` call."""
     from .profile import load_profile
@@ -103,7 +111,7 @@ def _builder_paths(args: argparse.Namespace, out_key: str, input_flag: str, inpu
     out = Path(args.out) if args.out else profile.path(out_key)
     given = getattr(args, input_flag)
     source = Path(given) if given else profile.path(input_key)
-    command = (f"w2w {args.command} build --config {args.config} --out {out} --{input_flag} {source}"
+    command = (f"w2w {args.command} build --config {args.config} --out {_shown(out)} --{input_flag} {_shown(source)}"
                + (f" --device {args.device}" if args.device else ""))
     return profile, out, source, command
 

@@ -48,8 +48,8 @@ class SpacesConfig:
 
     @classmethod
     def preset(cls, name: str) -> "SpacesConfig":
-        if name == "mini":
-            return cls()
+        if name == "mini":  # the seeds' MLP + a linear path + dropout: the best of benchmarks/vae_recipe.md
+            return cls(vae={"linear_skip": True, "dropout": 0.2})
         if name == "micro":
             return cls(name="micro", latent=4, pca_k=6, train={"steps": 20, "batch_size": 4, "warmup": 2,
                                                                "beta_warmup": 5, "beta_ramp": 5, "val_every": 10,
@@ -126,6 +126,6 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
         out, artifact="the weight spaces of the mini weights dataset: PCA (w2w) and VAE (w2w++)",
         command=command or f"w2w spaces build --config {cfg.name} --out {out} --dataset {dataset}",
         config=dataclasses.asdict(cfg), vae=cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), train=dataclasses.asdict(tcfg),
-        dataset=str(dataset), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
+        dataset=str(dataset.name), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
         build_seconds={k: round(v, 1) for k, v in seconds.items()},
         results={s: {k: v for k, v in (m or {}).items() if k not in ("key", "seconds")} for s, m in markers.items()})

@@ -38,7 +38,7 @@ __all__ = ["PCASpace"]
 
 logger = logging.getLogger(__name__)
 
-_EXACT_MAX_ELEMENTS = 5_000_000     # below this an exact float64 SVD is cheap (a few seconds on a CPU)
+_EXACT_MAX_ELEMENTS = 40_000_000    # below this an exact float64 SVD takes seconds to a minute on a CPU
 _EXACT_MAX_BYTES = 1 << 30          # never hold more than 1 GiB of float64 for the exact method
 
 

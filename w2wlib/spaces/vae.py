@@ -62,6 +62,7 @@ class VAEConfig:
     dropout: float = 0.0                       # after each activation; regularises a small dataset
     input_noise: float = 0.0                   # std of Gaussian noise on inputs in training (p-diff augmentation)
     latent_noise: float = 0.0                  # std of Gaussian noise on latents in training (p-diff augmentation)
+    linear_skip: bool = False                  # a linear path D -> (mu, logvar) and k -> D beside the MLP (holds pPCA)
     arch: str = "mlp"                          # "mlp" (the seeds'), or "tokens": one token per LoRA module
     token_sizes: tuple[int, ...] = ()          # tokens: numel of each module's slice, in flat order (sums to dim)
     token_width: int = 64                      # tokens: width of each module's token
@@ -182,6 +183,9 @@ class WeightVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
+        if config.linear_skip:  # the linear VAE (probabilistic PCA) as a special case; the MLP adds to it
+            self.skip_in = nn.Linear(config.dim, 2 * config.latent, bias=False)
+            self.skip_out = nn.Linear(config.latent, config.dim, bias=False)
         if config.arch == "tokens":
             self.encoder = _Tokens(config, "encode")                   # [B, D] -> [B, T * w]
             self.to_stats = nn.Linear(len(config.token_sizes) * config.token_width, 2 * config.latent)
@@ -196,11 +200,16 @@ class WeightVAE(nn.Module):
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z | x), ``[B, k]`` each."""
-        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=-1)
+        stats = self.to_stats(self.encoder(x))
+        if self.config.linear_skip:
+            stats = stats + self.skip_in(x)
+        mu, logvar = stats.chunk(2, dim=-1)
         return mu, logvar.clamp(*_LOGVAR_RANGE)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out(self.decoder(z))                               # [B, k] -> [B, D]
+        """``[B, k]`` -> ``[B, D]``."""
+        out = self.out(self.decoder(z))
+        return out + self.skip_out(z) if self.config.linear_skip else out
 
     def forward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0) -> dict[str, torch.Tensor]:
         """The β-VAE loss of a standardised batch ``x`` ``[B, D]``.
