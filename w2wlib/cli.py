@@ -72,13 +72,15 @@ def _cmd_world(args: argparse.Namespace) -> int:
     import json
 
     from .profile import load_profile
+    from .stages import portable_path
     from .world import build as B
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
     out = Path(args.out) if args.out else profile.path("world_dir")
     if args.action == "build":
         cfg = B.WorldConfig.preset(args.config)
-        command = f"w2w world build --config {args.config} --out {out}" + (f" --device {args.device}" if args.device else "")
+        command = (f"w2w world build --config {args.config} --out {portable_path(out)}"
+                   + (f" --device {args.device}" if args.device else ""))
         manifest = B.build_world(out, cfg, device=profile.device, command=command,
                                  stages=tuple(args.stage) if args.stage else B.STAGES)
         print(json.dumps(manifest["quality"], indent=1))
@@ -95,23 +97,17 @@ def _cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies inside it: manifests record portable commands."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _builder_paths(args: argparse.Namespace, out_key: str, input_flag: str, input_key: str):
     """(profile, out, input folder, the exact command) of a `w2w dataset|spaces build` call."""
     from .profile import load_profile
+    from .stages import portable_path
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
     out = Path(args.out) if args.out else profile.path(out_key)
     given = getattr(args, input_flag)
     source = Path(given) if given else profile.path(input_key)
-    command = (f"w2w {args.command} build --config {args.config} --out {_shown(out)} --{input_flag} {_shown(source)}"
+    command = (f"w2w {args.command} build --config {args.config} --out {portable_path(out)} "
+               f"--{input_flag} {portable_path(source)}"
                + (f" --device {args.device}" if args.device else ""))
     return profile, out, source, command
 

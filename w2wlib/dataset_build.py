@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import W2WError
-from .stages import Stages, write_manifest
+from .stages import Stages, portable_path, write_manifest
 
 __all__ = ["DatasetConfig", "build_dataset", "STAGES", "training_seeds", "held_out_seeds", "class_images",
            "instance_images", "fine_tune"]
@@ -174,7 +174,7 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
     oracle = json.loads((out / "oracle.json").read_text())
     return write_manifest(
         out, artifact="the mini weights dataset: one DreamBooth-LoRA per identity of the mini world",
-        command=command or f"w2w dataset build --config {cfg.name} --out {out} --world {world}",
+        command=command or f"w2w dataset build --config {cfg.name} --out {portable_path(out)} --world {portable_path(world)}",
         config=dataclasses.asdict(cfg), dreambooth=db.to_dict(), world_unet_sha256=wkey,
         seeds={"root": cfg.seed, "training identities": "training_seeds(cfg): below 10**9",
                "held-out identities": "held_out_seeds(cfg): >= 10**9"},

@@ -124,6 +124,14 @@ class Stages:
         return state
 
 
+def portable_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies inside it, so manifests hold no machine's paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_manifest(out: Path, **fields: Any) -> dict:
     """Write ``<out>/manifest.json``: ``fields`` plus versions and every shipped file's sha256 and size.
 

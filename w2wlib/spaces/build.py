@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import W2WError
-from ..stages import Stages, write_manifest
+from ..stages import Stages, portable_path, write_manifest
 
 __all__ = ["SpacesConfig", "build_spaces", "STAGES"]
 
@@ -124,8 +124,8 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
     (out / "split.json").write_text(json.dumps({"train": train_rows.tolist(), "val": val_rows.tolist()}))
     return write_manifest(
         out, artifact="the weight spaces of the mini weights dataset: PCA (w2w) and VAE (w2w++)",
-        command=command or f"w2w spaces build --config {cfg.name} --out {out} --dataset {dataset}",
+        command=command or f"w2w spaces build --config {cfg.name} --out {portable_path(out)} --dataset {portable_path(dataset)}",
         config=dataclasses.asdict(cfg), vae=cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), train=dataclasses.asdict(tcfg),
-        dataset=str(dataset.name), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
+        dataset=portable_path(dataset), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
         build_seconds={k: round(v, 1) for k, v in seconds.items()},
         results={s: {k: v for k, v in (m or {}).items() if k not in ("key", "seconds")} for s, m in markers.items()})

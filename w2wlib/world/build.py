@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import W2WError
-from ..stages import Stages, write_manifest
+from ..stages import Stages, portable_path, write_manifest
 from . import pipeline as P
 
 __all__ = ["WorldConfig", "build_world", "STAGES"]
@@ -159,7 +159,7 @@ def _manifest(out: Path, cfg: WorldConfig, seconds: dict[str, float], command: s
     quality = out / "quality.json"
     return write_manifest(
         out, artifact="the mini world: diffusers pipeline and identity encoder",
-        command=command or f"w2w world build --config {cfg.name} --out {out}",
+        command=command or f"w2w world build --config {cfg.name} --out {portable_path(out)}",
         config=dataclasses.asdict(cfg),
         seeds={"teacher": cfg.teacher_config().seed, "autoencoder": cfg.autoencoder.seed, "unet": cfg.unet.seed,
                "encoder": cfg.encoder_config().seed,
