@@ -99,7 +99,7 @@ def test_id_score_is_mean_of_all_pairwise_cosines(trained):
     by_hand = float((za @ zb.T).mean())                      # [3, 5] cosine matrix, all pairs
     assert id_score(enc, a, b) == pytest.approx(by_hand, abs=1e-5)
     assert id_score(enc, a, b) > id_score(enc, a, other) + 0.3
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match="id_score needs at least one image on each side"):
         id_score(enc, a, b[:0])
 
 
@@ -112,7 +112,7 @@ def test_pairwise_id_scores(trained):
     torch.testing.assert_close(s, (enc.embed(a) * enc.embed(b)).sum(1))
     shuffled = pairwise_id_scores(enc, a, b[[1, 2, 3, 0]])
     assert s.mean() > shuffled.mean() + 0.3
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match="needs as many images on both sides, got 4 and 3"):
         pairwise_id_scores(enc, a, b[:3])
 
 
@@ -126,7 +126,7 @@ def test_roc_auc_and_curve():
     assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
     area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))       # trapezoids
     assert roc_auc(same, diff) == pytest.approx(area, abs=1e-9)
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match="roc_auc needs at least one positive and one negative score"):
         roc_auc([], [1.0])
 
 
@@ -160,14 +160,15 @@ def test_load_errors(trained, tmp_path):
 
 def test_embed_rejects_wrong_inputs(trained):
     enc = trained[0]
-    for bad in (np.zeros((2, 64, 64), np.uint8),                 # no channel axis
-                np.zeros((2, 64, 64, 3), np.float32),             # float numpy is ambiguous
-                torch.zeros(2, 64, 64, 3),                        # float channels-last
-                torch.zeros(3, 64, 64),                           # missing batch axis
-                "not images"):
-        with pytest.raises(W2WError):
+    numpy_msg, torch_msg = r"numpy images must be uint8 \[N, H, W, 3\]", r"torch images must be float \[N, 3, H, W\]"
+    for bad, msg in ((np.zeros((2, 64, 64), np.uint8), numpy_msg),            # no channel axis
+                     (np.zeros((2, 64, 64, 3), np.float32), numpy_msg),       # float numpy is ambiguous
+                     (torch.zeros(2, 64, 64, 3), torch_msg),                  # float channels-last
+                     (torch.zeros(3, 64, 64), torch_msg),                     # missing batch axis
+                     ("not images", "expected uint8 numpy .* got str")):
+        with pytest.raises(W2WError, match=msg):
             enc.embed(bad)
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match=numpy_msg):
         enc.predict_attributes(np.zeros((1, 64, 64, 4), np.uint8))
 
 
@@ -208,7 +209,7 @@ def test_training_never_sees_held_out_identities(monkeypatch):
     ids = np.concatenate(seen)
     assert len(ids) == 3 * 16 and ids.max() < HELD_OUT_BASE
     assert len(np.unique(ids)) == len(ids) // 2                   # fresh identities, 2 views each
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match="identity_pool must be in .*seeds >= HELD_OUT_BASE are held out"):
         EncoderConfig(identity_pool=HELD_OUT_BASE + 1).validate()
 
 
@@ -216,7 +217,7 @@ def test_configs():
     full, micro = EncoderConfig(), EncoderConfig.micro()
     assert full.steps * full.ids_per_batch >= 20_000            # the mini build's identity count
     assert micro.steps < full.steps and micro.width < full.width
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match="batch_size a multiple of views .* got views=3, batch_size=16"):
         train_encoder(EncoderConfig.micro(views=3, batch_size=16), progress=False)
-    with pytest.raises(W2WError):
+    with pytest.raises(W2WError, match=r"recon_fraction must be in \[0, 1\], got 1.5"):
         EncoderConfig.micro(recon_fraction=1.5).validate()

@@ -10,10 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
-
 from diffusers import UNet2DConditionModel  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from peft.utils import load_peft_weights  # noqa: E402
@@ -134,7 +130,8 @@ def test_layout_dict_roundtrip(layout):
     assert again == layout and again.dim == layout.dim
     bad = layout.to_dict()
     bad["dim"] += 1
-    with pytest.raises(LayoutError):
+    with pytest.raises(LayoutError, match=f"Layout dict says dim {layout.dim + 1:,} but its entries sum to "
+                                          f"{layout.dim:,}"):
         LoraLayout.from_dict(bad)
 
 
@@ -198,7 +195,7 @@ def test_attach_detach_restores_exactly(unet, layout, inputs):
     mod = unet.get_submodule(layout.entries[0].module)
     assert len(mod._forward_hooks) == 1
     assert list(unet.state_dict()) == keys
-    with pytest.raises(LayoutError):
+    with pytest.raises(LayoutError, match="already carry another LoRA bank; detach it first"):
         BatchedLora.attach(unet, LoraLayout.from_unet(unet, alpha=1.0))
     with torch.no_grad():
         assert torch.equal(unet(x[:2], t, encoder_hidden_states=c[:2]).sample, base)  # outside use(): no delta
@@ -210,7 +207,7 @@ def test_attach_detach_restores_exactly(unet, layout, inputs):
     assert all(len(m._forward_hooks) == 0 for m in after.values())
     with torch.no_grad():
         assert torch.equal(unet(x[:2], t, encoder_hidden_states=c[:2]).sample, base)
-    with pytest.raises(LayoutError):
+    with pytest.raises(LayoutError, match="This LoRA bank was detached; attach it again"):
         with bank.use(rand_w(layout, 1)):
             pass
 

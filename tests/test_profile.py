@@ -44,11 +44,25 @@ def test_paths_resolve_under_the_root(tmp_path):
 def test_device_and_dtype_are_chosen_once():
     p = load_profile("sd15", {"device": "cpu"})
     assert p.dtype == torch.float32  # half precision is a GPU-only choice
-    if not torch.cuda.is_available():
-        with pytest.raises(ProfileError, match="no CUDA device"):
-            _ = load_profile("mini", {"device": "cuda"}).device
-    with pytest.raises(ProfileError, match="dtype 'float99'"):
+    with pytest.raises(ProfileError, match="dtype 'float99'; use float32, float16 or bfloat16"):
         _ = load_profile("mini", {"dtype": "float99"}).dtype
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's choices and error")
+def test_without_cuda_auto_is_the_cpu_and_cuda_is_refused():
+    assert load_profile("sd15").device == torch.device("cpu") and load_profile("sd15").dtype == torch.float32
+    with pytest.raises(ProfileError, match="asks for device 'cuda' but no CUDA device is visible; use device=cpu"):
+        _ = load_profile("mini", {"device": "cuda"}).device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU choices need a CUDA device")
+def test_with_cuda_auto_is_the_gpu_with_the_profiles_dtype():
+    p = load_profile("sd15")
+    assert p.device == torch.device("cuda") and p.dtype == torch.float16
+    assert load_profile("mini", {"device": "cuda:0"}).device == torch.device("cuda:0")
+    n = torch.cuda.device_count()
+    with pytest.raises(ProfileError, match=rf"asks for device 'cuda:{n}' but only {n} CUDA device\(s\) are visible"):
+        _ = load_profile("mini", {"device": f"cuda:{n}"}).device
 
 
 def test_parse_value():

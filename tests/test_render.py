@@ -160,18 +160,18 @@ def test_drawn_factors_change_pixels():
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("call", [
-    lambda: render_ids([1, 2], [1]),
-    lambda: render(sample_identities([1, 2]), [1, 2, 3]),
-    lambda: render_ids([-1], [0]),
-    lambda: render_ids([1], [-5]),
-    lambda: sample_identities([1.5]),
-    lambda: sample_identities([[1, 2]]),
-    lambda: render_ids([1], [1], size=60),
-    lambda: render_ids([1], [1], size=24),
-    lambda: render({"sex": 1}, [1]),
-    lambda: attribute_prior(n=0),
+@pytest.mark.parametrize("call, message", [
+    (lambda: render_ids([1, 2], [1]), "got 2 identity seeds but 1 image seeds; they must have the same length"),
+    (lambda: render(sample_identities([1, 2]), [1, 2, 3]), "got 2 identities but 3 image seeds; pass one image"),
+    (lambda: render_ids([-1], [0]), "identity seeds must be non-negative, got -1"),
+    (lambda: render_ids([1], [-5]), "image seeds must be non-negative, got -5"),
+    (lambda: sample_identities([1.5]), r"identity seeds must be a 1-D sequence of non-negative ints, got float64"),
+    (lambda: sample_identities([[1, 2]]), r"identity seeds must be a 1-D sequence .* shape \(1, 2\)"),
+    (lambda: render_ids([1], [1], size=60), "size must be an int >= 32 and a multiple of 8, got 60"),
+    (lambda: render_ids([1], [1], size=24), "size must be an int >= 32 and a multiple of 8, got 24"),
+    (lambda: render({"sex": 1}, [1]), r"factors must be a Factors \(from sample_identities\), got <class 'dict'>"),
+    (lambda: attribute_prior(n=0), "attribute_prior needs n >= 1, got 0"),
 ])
-def test_bad_input_raises_w2w_error(call):
-    with pytest.raises(W2WError):
+def test_bad_input_raises_w2w_error(call, message):
+    with pytest.raises(W2WError, match=message):
         call()

@@ -100,8 +100,25 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig = plot_history(tmp_path)
-    assert len(fig.axes) == 4
+    recon_ax, kl_ax, beta_ax, lr_ax = fig.axes                       # the LR is a twin of the β panel
+    steps = [r["step"] for r in history]
+    val_rows = [r for r in history if r.get("val_recon") is not None]
+    assert [r["step"] for r in val_rows] == [100, 200]
+    for ax, key in ((recon_ax, "recon"), (kl_ax, "kl")):             # each panel plots exactly the history
+        train_line, val_line = ax.get_lines()
+        assert list(train_line.get_xdata()) == steps and list(train_line.get_ydata()) == [r[key] for r in history]
+        assert list(val_line.get_xdata()) == [100, 200]
+        assert list(val_line.get_ydata()) == [r[f"val_{key}"] for r in val_rows]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "held out"]
+    assert recon_ax.get_yscale() == "log" and kl_ax.get_yscale() == "linear"
+    (beta_line,), (lr_line,) = beta_ax.get_lines(), lr_ax.get_lines()
+    assert list(beta_line.get_xdata()) == steps and list(beta_line.get_ydata()) == [r["beta"] for r in history]
+    assert list(lr_line.get_xdata()) == steps and list(lr_line.get_ydata()) == [r["lr"] for r in history]
+    assert (beta_ax.get_ylabel(), lr_ax.get_ylabel()) == ("β", "learning rate")
+    plt.close(fig)
 
 
 def test_killed_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path):
@@ -166,9 +183,24 @@ def test_bad_inputs_say_how_to_fix():
         train_vae(PCASpace.fit(x, 2), x, small(), progress=False)
     with pytest.raises(W2WError, match="must be >= 1"):
         TrainConfig(steps=0)
-    if not torch.cuda.is_available():
-        with pytest.raises(W2WError, match="needs a CUDA GPU"):
-            train_vae(VAESpace(VAE), x, small(mixed_precision="bf16", batch_size=8), progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_mixed_precision_without_cuda_says_how_to_fix():
+    with pytest.raises(W2WError, match=r"mixed_precision='bf16' needs a CUDA GPU; use 'no' \(or 'auto'\) on the CPU"):
+        train_vae(VAESpace(VAE), low_rank(20), small(mixed_precision="bf16", batch_size=8), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 mixed precision needs a CUDA GPU")
+def test_bf16_on_cuda_keeps_float32_weights_and_trains():
+    x = low_rank(80, seed=6)
+    space = VAESpace(VAE, seed=0)
+    start = params(space)
+    history = train_vae(space, x, small(mixed_precision="bf16"), progress=False)
+    assert history[-1]["step"] == 12 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    after = params(space)
+    assert all(v.dtype == torch.float32 for v in after.values())      # autocast computes in bf16, stores float32
+    assert any(not torch.equal(v.cpu(), start[k]) for k, v in after.items())
 
 
 # ---------------------------------------------------------------------- 2 processes, gloo

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -26,12 +28,37 @@ def test_to_uint8_from_diffusers_tensor():
         to_uint8(np.zeros((2, 3, 4)))
 
 
-def test_png_and_slider():
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def upscaled(img: np.ndarray, scale: int) -> np.ndarray:
+    return img.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def test_png_and_slider(monkeypatch):
+    import ipywidgets
+
     img = np.random.default_rng(0).integers(0, 255, (6, 6, 3), dtype=np.uint8)
-    assert png_bytes(img, scale=2)[:8] == b"\x89PNG\r\n\x1a\n"
-    box = image_slider([img, img[::-1]], description="t", labels=["a", "b"])
-    slider = box.children[0].children[0]
-    assert slider.max == 1
+    data = png_bytes(img, scale=2)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and np.array_equal(decode_png(data), upscaled(img, 2))  # lossless
+    links = []
+    real = ipywidgets.jslink
+    monkeypatch.setattr(ipywidgets, "jslink", lambda a, b: links.append((a, b)) or real(a, b))
+    frames = [img, img[::-1], 255 - img]
+    box = image_slider(frames, description="t", labels=["a", "b", "c"], scale=3)
+    (slider, caption), stack = box.children[0].children, box.children[1]
+    assert (slider.min, slider.max, slider.value, slider.description) == (0, 2, 0, "t")
+    assert len(stack.children) == 3 and stack.selected_index == 0 and caption.selected_index == 0
+    for shown, frame in zip(stack.children, frames, strict=True):   # each frame, in order, at 3x
+        assert shown.format == "png" and np.array_equal(decode_png(shown.value), upscaled(frame, 3))
+    assert [label.value for label in caption.children] == ["a", "b", "c"]
+    # the slider drives the frame and its label in the browser (no kernel in the static book)
+    assert links == [((slider, "value"), (stack, "selected_index")), ((slider, "value"), (caption, "selected_index"))]
+    plain = image_slider(frames[:2])                                  # no labels: the slider, then the frames
+    assert plain.children[0].description == "frame" and len(plain.children[1].children) == 2
     with pytest.raises(W2WError, match="at least 2 frames"):
         image_slider([img])
     with pytest.raises(W2WError, match="2 labels for 3 frames"):

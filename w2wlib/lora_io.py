@@ -88,7 +88,9 @@ def _map_keys(keys: Iterable[str], modules: Iterable[str]) -> dict[str, tuple[st
         else:
             mapped[k] = (index[p[0]], p[1])
     if bad:
-        raise LayoutError(f"{len(bad)} key(s) match no LoRA module of this layout/UNet: {bad[:8]}")
+        raise LayoutError(f"{len(bad)} key(s) match no LoRA module of this layout/UNet: {bad[:8]}. Keys may be in "
+                          f"peft, diffusers, lora_unet_ or kohya spelling of a module name: are these LoRAs of "
+                          f"this base model (pass its UNet, or the layout the weights were saved with)?")
     return mapped
 
 

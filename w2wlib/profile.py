@@ -36,6 +36,7 @@ from .errors import ProfileError
 __all__ = ["Profile", "load_profile", "list_profiles", "project_root", "parse_value"]
 
 _PROFILE_DIR = Path(__file__).parent / "profiles"
+_DEVICES = "auto, cpu, cuda, cuda:<index> or mps"
 
 
 def list_profiles() -> list[str]:
@@ -146,9 +147,22 @@ class Profile:
         name = str(self.settings.get("device", "auto"))
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError) as err:
+            raise ProfileError(f"profile {self.name!r} has device {name!r}, which is not a device; use one of "
+                               f"{_DEVICES} (e.g. --device cpu or -p device cuda:1)") from err
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ProfileError(f"profile {self.name!r} has device {name!r}; w2wlib runs on {_DEVICES}")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ProfileError(f"profile {self.name!r} asks for device {name!r} but no CUDA device is visible; use device=cpu or auto")
-        return torch.device(name)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ProfileError(f"profile {self.name!r} asks for device {name!r} but only {torch.cuda.device_count()} "
+                               f"CUDA device(s) are visible (cuda:0 ...); choose one of them")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ProfileError(f"profile {self.name!r} asks for device {name!r} but MPS is not available here; "
+                               f"use device=cpu or auto")
+        return device
 
     @property
     def dtype(self) -> "torch.dtype":  # noqa: F821

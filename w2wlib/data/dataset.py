@@ -17,8 +17,13 @@ from tqdm.auto import tqdm
 from ..errors import ArtifactMissingError, LayoutError, W2WError
 from ..lora import PEFT_PREFIX, LoraLayout
 from ..lora_io import layout_from_weight_dimensions
-from .formats import (_BUILD_OURS, _GET_W2W, _ST_DTYPES, _W2W_DIRS, OURS_FILES, W2W_FILES, _bad_rows,
-                      _layout_weight_dimensions, _missing, _read_attributes_csv, _to_binary, logger)
+from .formats import (_BUILD_OURS, _GET_W2W, _REGET_W2W, _ST_DTYPES, _W2W_DIRS, OURS_FILES, W2W_FILES,
+                      _bad_rows, _check_float, _layout_weight_dimensions, _missing, _read_attributes_csv, _read_json,
+                      _to_binary, logger)
+
+_CSV_FIX = ("rewrite it from the attributes that belong to these weights with w2wlib.data.write_attributes_csv, "
+            "or delete it")
+
 
 def _mmap_safetensors(path: Path, name: str = "weights") -> tuple[torch.Tensor, dict[str, str], int]:
     """Tensor ``name`` of a safetensors file as a private mmap (never read whole), the metadata, and the
@@ -155,35 +160,67 @@ class WeightsDataset:
         for key in ("weights", "mean", "std", "weight_dimensions", "layout", "identities"):
             if not paths[key].is_file():
                 raise _missing(paths[key], _BUILD_OURS)
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        self._weights_path = paths["weights"]
         self.weights, meta, offset = _mmap_safetensors(paths["weights"])  # [N, D], mmap
         if self.weights.dim() == 2:
             self._file = _RowFile(paths["weights"], offset, tuple(self.weights.shape), self.weights.dtype)
         ids = {"all_weights.safetensors": meta.get("dataset_id")}
         for key in ("mean", "std"):
-            with safe_open(str(paths[key]), framework="pt") as f:
-                if key not in f.keys():
-                    raise W2WError(f"{paths[key]} has no tensor {key!r}: wrong file? {_BUILD_OURS}.")
-                setattr(self, key, f.get_tensor(key).float())              # [D]
-                ids[paths[key].name] = (f.metadata() or {}).get("dataset_id")
-        info = json.loads(paths["identities"].read_text(encoding="utf-8"))
+            try:
+                with safe_open(str(paths[key]), framework="pt") as f:
+                    t = f.get_tensor(key) if key in f.keys() else None
+                    ids[paths[key].name] = (f.metadata() or {}).get("dataset_id")
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                raise W2WError(f"{paths[key]} is truncated or corrupt ({err}); {_BUILD_OURS}.") from err
+            if t is None:
+                raise W2WError(f"{paths[key]} has no tensor {key!r}: wrong file? {_BUILD_OURS}.")
+            _check_float(t, paths[key], key, _BUILD_OURS)
+            setattr(self, key, t.float())                                   # [D]
+        info = _read_json(paths["identities"], dict, 'an object {"dataset_id", "identity_seeds", "extra", ...}')
+        if "dataset_id" not in info:
+            raise W2WError(f"{paths['identities']} has no dataset_id, so save_weights did not write it: wrong or "
+                           f"damaged file; {_BUILD_OURS}.")
+        seeds, extra = info.get("identity_seeds"), info.get("extra") or {}
+        if seeds is not None and not (isinstance(seeds, list) and all(type(v) is int for v in seeds)):
+            raise W2WError(f"{paths['identities']}: identity_seeds must be a list of ints (or null); it is "
+                           f"{str(seeds)[:60]}; {_BUILD_OURS}.")
+        if not isinstance(extra, dict):
+            raise W2WError(f"{paths['identities']}: extra must be an object; it is a {type(extra).__name__}; "
+                           f"{_BUILD_OURS}.")
+        n = self.weights.shape[0] if self.weights.dim() == 2 else None
+        if seeds is not None and n is not None and len(seeds) != n:  # before attributes.csv, which is checked against it
+            raise W2WError(f"{paths['identities']} lists {len(seeds):,} identity seeds but {paths['weights'].name} "
+                           f"has {n:,} rows: identities.json was edited or comes from another save; {_BUILD_OURS}.")
         ids["identities.json"] = info.get("dataset_id")
         if len(set(ids.values())) != 1:
             raise W2WError(f"The files in {self.folder} come from different saves (dataset_id {ids}): a crash "
                            f"during save_weights, or files mixed from two datasets; {_BUILD_OURS}.")
-        self.identity_seeds, self.extra = info.get("identity_seeds"), info.get("extra") or {}
+        self.identity_seeds, self.extra = seeds, extra
         self.dataset_id = info.get("dataset_id")
-        wd = json.loads(paths["weight_dimensions"].read_text(encoding="utf-8"))
-        self.weight_dimensions = [(k, tuple(s)) for k, s in wd]
-        self._layout_dict = json.loads(paths["layout"].read_text(encoding="utf-8"))
-        saved = LoraLayout.from_dict(self._layout_dict)
+        wd = _read_json(paths["weight_dimensions"], list, "a list of [key, [rows, cols]] pairs")
+        try:
+            self.weight_dimensions = [(k, tuple(int(x) for x in v)) for k, v in wd
+                                      if isinstance(k, str) and isinstance(v, list)]
+        except (TypeError, ValueError) as err:
+            raise W2WError(f"{paths['weight_dimensions']} entries are not [key, [rows, cols]] pairs ({err}); "
+                           f"{_BUILD_OURS}.") from err
+        if len(self.weight_dimensions) != len(wd):
+            raise W2WError(f"{paths['weight_dimensions']} entries are not [key, [rows, cols]] pairs; {_BUILD_OURS}.")
+        self._layout_dict = _read_json(paths["layout"], dict, "a LoRA layout (LoraLayout.to_dict())")
+        try:
+            saved = LoraLayout.from_dict(self._layout_dict)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise W2WError(f"{paths['layout']} is not a LoRA layout ({type(err).__name__}: {err}); "
+                           f"{_BUILD_OURS}.") from err
         if _layout_weight_dimensions(saved) != self.weight_dimensions:
             raise LayoutError(f"layout.json and weight_dimensions.json in {self.folder} disagree; {_BUILD_OURS}.")
-        if paths["attributes"].is_file():
-            index, self._attributes = _read_attributes_csv(paths["attributes"], self.weights.shape[0])
+        if paths["attributes"].is_file() and n is not None:
+            index, self._attributes = _read_attributes_csv(paths["attributes"], n, f"{_CSV_FIX}, or {_BUILD_OURS}")
             if self.identity_seeds is not None and index != [str(s) for s in self.identity_seeds]:
-                raise W2WError(f"attributes.csv rows are not in the order of identities.json; {_BUILD_OURS}.")
+                raise W2WError(f"{paths['attributes']} rows are not in the order of identities.json (its first column "
+                               f"must list the identity seeds in row order); {_CSV_FIX}, or {_BUILD_OURS}.")
 
     def _open_w2w(self) -> None:
         paths = {k: self._w2w_path(v) for k, v in W2W_FILES.items()}
@@ -191,35 +228,40 @@ class WeightsDataset:
             if paths[key] is None:
                 raise _missing(self.folder / W2W_FILES[key], _GET_W2W.format(
                     ", include_all_weights=True" if key == "weights" else ""))
-        try:  # weights_only: no arbitrary unpickling; mmap: all_weights stays on disk
-            self.weights = torch.load(paths["weights"], map_location="cpu", weights_only=True, mmap=True)
-            self.mean, self.std = (torch.load(paths[k], map_location="cpu", weights_only=True)
-                                   for k in ("mean", "std"))
-            wd = torch.load(paths["weight_dimensions"], weights_only=True)
-        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as err:
-            raise W2WError(f"Could not read the w2w files in {self.folder} safely ({err}).") from err
+        self._weights_path = paths["weights"]
+        # weights_only: no arbitrary unpickling; mmap: all_weights stays on disk
+        self.weights = _load_pt(paths["weights"], _FETCH_ARGS["weights"], mmap=True)
+        self.mean, self.std = (_load_pt(paths[k]) for k in ("mean", "std"))
+        wd = _load_pt(paths["weight_dimensions"])
         for key in ("weights", "mean", "std"):
-            if not isinstance(getattr(self, key), torch.Tensor):
-                raise W2WError(f"{paths[key]} holds a {type(getattr(self, key)).__name__}, not a tensor.")
+            _check_float(getattr(self, key), paths[key], {"weights": "all_weights"}.get(key, key),
+                         _GET_W2W.format(_FETCH_ARGS.get(key, "")).replace("fetch it", "fetch the original"))
         self.mean, self.std = self.mean.float(), self.std.float()
         if not isinstance(wd, Mapping):
-            raise LayoutError(f"{paths['weight_dimensions']} holds a {type(wd).__name__}, not an ordered dict.")
+            raise LayoutError(f"{paths['weight_dimensions']} holds a {type(wd).__name__}, not an ordered dict: "
+                              f"wrong file? {_GET_W2W.format('')}.")
         try:
             self.weight_dimensions = [(k, tuple(int(s) for s in v[1])) for k, v in wd.items()]
         except (TypeError, IndexError, ValueError) as err:
-            raise LayoutError(f"{paths['weight_dimensions']} entries are not key -> [[numel], shape].") from err
+            raise LayoutError(f"{paths['weight_dimensions']} entries are not key -> [[numel], shape]: wrong file? "
+                              f"{_GET_W2W.format('')}.") from err
         self._w2w_wd, self._paths = wd, paths
         if self.weights.dim() == 2:
             self._file = _pt_row_file(paths["weights"], self.weights)
-        csv_path = paths["weights"].parent / OURS_FILES["attributes"]
-        csv_path = next((p for p in (csv_path, self.folder / OURS_FILES["attributes"]) if p.is_file()), None)
-        if csv_path is not None:
-            self._attributes = _read_attributes_csv(csv_path, self.weights.shape[0])[1]
+        # attributes.csv next to all_weights.pt, in files/ (where identity_df.pt lives), or in the folder itself
+        places = (paths["weights"].parent, *(self.folder / d for d in _W2W_DIRS))
+        csv_path = next((p / OURS_FILES["attributes"] for p in dict.fromkeys(places)
+                         if (p / OURS_FILES["attributes"]).is_file()), None)
+        if csv_path is not None and self.weights.dim() == 2:
+            self._attributes = _read_attributes_csv(csv_path, self.weights.shape[0], _CSV_FIX)[1]
 
     def _validate(self) -> None:
         w = self.weights
-        if w.dim() != 2 or not w.is_floating_point():
-            raise W2WError(f"all_weights must be a 2-D float [N, D] tensor; it is {w.dtype} {tuple(w.shape)}.")
+        how = _BUILD_OURS if self.layout == "ours" else _GET_W2W.format(_FETCH_ARGS["weights"])
+        _check_float(w, self._weights_path, "all_weights", how)  # never cast int/bool/complex silently
+        if w.dim() != 2:
+            raise W2WError(f"all_weights must be a 2-D float [N, D] tensor; it is {w.dtype} {tuple(w.shape)} in "
+                           f"{self._weights_path}; {how}.")
         n, d = w.shape
         wd_sum = sum(math.prod(s) for _, s in self.weight_dimensions)
         if wd_sum != d:
@@ -238,8 +280,6 @@ class WeightsDataset:
                                f"Recompute the statistics (save_weights does) or fetch the right files.")
         if n == 0:
             raise W2WError(f"all_weights in {self.folder} has no rows.")
-        if self.identity_seeds is not None and len(self.identity_seeds) != n:
-            raise W2WError(f"identities.json lists {len(self.identity_seeds):,} seeds for {n:,} rows.")
         if self._file is not None and not torch.equal(self._file.read(torch.tensor([0, n - 1])), w[[0, n - 1]]):
             logger.warning("%s: direct reads of all_weights disagree with the mapping; reading through the "
                            "mapping instead (resident memory then grows with the rows read)", self.folder)
@@ -262,7 +302,24 @@ class WeightsDataset:
         return self.weights.shape[1]
 
     def rows(self, idx: int | slice | Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        """A float32 copy of the chosen rows, ``[len(idx), D]`` (an int gives ``[1, D]``)."""
+        """A float32 copy of the chosen rows, ``[len(idx), D]`` (an int gives ``[1, D]``).
+
+        Every row read is checked: a row with NaN/inf raises W2WError naming it (``check_finite`` lists all).
+        """
+        t = self._index(idx)
+        out = self._read(t)
+        suspect = torch.nonzero(~torch.isfinite(out.sum(1))).flatten()  # a finite row sum proves the row finite
+        if suspect.numel():
+            bad = suspect[~torch.isfinite(out[suspect]).all(1)]           # a sum may overflow: check those exactly
+            if bad.numel():
+                rows = sorted(set(t[bad].tolist()))
+                raise W2WError(f"Row(s) {rows[:10]} of all_weights in {self.folder} have NaN/inf values: run "
+                               f"ds.check_finite() to list every bad row, then leave them out (ds.rows(good_rows)) "
+                               f"or rebuild those identities.")
+        return out
+
+    def _index(self, idx: int | slice | Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Row indices ``[M]`` (int64, in range, negatives wrapped) of any index :meth:`rows` takes."""
         n = len(self)
         if isinstance(idx, slice):
             idx = torch.arange(n)[idx]
@@ -274,7 +331,10 @@ class WeightsDataset:
         t = t.long()
         if t.numel() and (int(t.min()) < -n or int(t.max()) >= n):
             raise IndexError(f"Row index out of range for a dataset of {n:,} rows.")
-        t = t % n if n else t
+        return t % n if n else t
+
+    def _read(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows ``t`` as float32 ``[len(t), D]``, unchecked; the file is read in increasing row order."""
         order = torch.argsort(t)  # read the file in increasing order, return in the order asked
         out = torch.empty(t.numel(), self.dim, dtype=torch.float32)
         if self._file is not None:
@@ -305,7 +365,7 @@ class WeightsDataset:
         """Scan every row; raise W2WError naming the first rows with NaN/inf."""
         bad: list[int] = []
         for s in tqdm(range(0, len(self), batch_size), desc="check_finite", unit="batch", disable=None):
-            bad += _bad_rows(self.rows(slice(s, s + batch_size)), s)
+            bad += _bad_rows(self._read(self._index(slice(s, s + batch_size))), s)
         if bad:
             raise W2WError(f"{len(bad):,} row(s) of all_weights in {self.folder} have NaN/inf, first rows "
                            f"{bad[:10]}; drop them or rebuild those identities.")
@@ -327,17 +387,18 @@ class WeightsDataset:
 
     def _load_identity_df(self, path: Path) -> dict[str, np.ndarray]:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors/lists: safe
-        except (pickle.UnpicklingError, RuntimeError) as err:  # a DataFrame pickles arbitrary classes
+            obj = _load_pt(path, _FETCH_ARGS["identity_df"])  # plain tensors/lists: safe
+        except _PickleRefused as err:  # a DataFrame pickles arbitrary classes
             if not self.trust_pickles:
                 raise W2WError(
                     f"{path} is a pickle (a pandas DataFrame); loading it can run arbitrary code, so it is "
                     f"refused. If you trust its source, open with open_weights(..., trust_pickles=True) "
                     f"(unsafe; needs pandas), and convert it once with w2wlib.data.write_attributes_csv("
-                    f"'{path.parent / OURS_FILES['attributes']}', ds.attributes): later opens read the CSV."
+                    f"'{path.parent / OURS_FILES['attributes']}', ds.attributes): later opens read that CSV "
+                    f"(attributes.csv is looked for next to all_weights.pt, in files/ and in the folder)."
                 ) from err
             logger.warning("Unpickling %s with weights_only=False (trust_pickles=True).", path)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = _load_pt(path, _FETCH_ARGS["identity_df"], weights_only=False)
         if not (hasattr(obj, "columns") or isinstance(obj, Mapping)):
             raise W2WError(f"{path} holds a {type(obj).__name__}, not a DataFrame or column -> values dict.")
         cols = list(obj.columns) if hasattr(obj, "columns") else list(obj)
@@ -377,11 +438,37 @@ def _module_of_key(key: str) -> str:
     for suffix in (".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.weight"):
         if key.endswith(suffix):
             path = key[: -len(suffix)]
-            for p in (PEFT_PREFIX, "unet."):
+            for p in (PEFT_PREFIX, "unet.", "lora_unet."):
                 path = path[len(p):] if path.startswith(p) else path
+            if path.startswith("lora_unet_"):  # kohya spelling: dots became underscores, which cannot be undone
+                raise LayoutError(f"weight_dimensions key {key!r} spells its module with underscores (lora_unet_...), "
+                                  f"so the module's dotted name cannot be read from it: pass the UNet (or its module "
+                                  f"names) to lora_layout(), e.g. ds.lora_layout(pipe.unet).")
             return path
     raise LayoutError(f"Cannot read a module name from weight_dimensions key {key!r}; pass the UNet (or "
-                      f"its module names) to lora_layout().")
+                      f"its module names) to lora_layout(), e.g. ds.lora_layout(pipe.unet).")
+
+
+class _PickleRefused(W2WError):
+    """A ``.pt`` file holds more than plain tensors and containers, so ``weights_only=True`` refused it."""
+
+
+_FETCH_ARGS = {"weights": ", include_all_weights=True", "identity_df": ", files=['identity_df.pt']"}
+
+
+def _load_pt(path: Path, fetch_args: str = "", *, mmap: bool = False, weights_only: bool = True) -> Any:
+    """``torch.load`` of one of w2w's files on the CPU; errors name the file and how to fetch it again."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise _PickleRefused(f"{path} holds Python objects other than tensors, so it is not loaded "
+                             f"(weights_only=True): wrong file? {_REGET_W2W.format(fetch_args)}.") from err
+    except (RuntimeError, ValueError, OSError, EOFError) as err:  # cut short: miniz/zip errors, short reads
+        if "weights only load failed" in str(err).lower():
+            raise _PickleRefused(f"{path} holds Python objects other than tensors, so it is not loaded "
+                                 f"(weights_only=True): wrong file? {_REGET_W2W.format(fetch_args)}.") from err
+        first = str(err).split(". ")[0].splitlines()[0][:160] if str(err) else type(err).__name__
+        raise W2WError(f"Could not read {path} ({first}): {_REGET_W2W.format(fetch_args)}.") from err
 
 
 def _check_modules(layout: LoraLayout, unet_or_names: Any) -> None:

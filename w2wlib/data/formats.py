@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +28,9 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 _BUILD_OURS = "write it again with w2wlib.data.save_weights"
 _GET_W2W = "fetch it with `w2wlib.data.download_w2w(folder{})`"
+_REGET_W2W = "the file is damaged or was cut short by an interrupted download: delete it and fetch it again with " \
+             "`w2wlib.data.download_w2w(folder{})`"
+_FLOAT_DTYPES = "float32 or float16 (bfloat16 and float64 are read too)"
 
 
 def _hub_path(name: str) -> str:
@@ -35,6 +39,28 @@ def _hub_path(name: str) -> str:
 
 def _missing(path: Path, how: str) -> ArtifactMissingError:
     return ArtifactMissingError(f"{path.name} is missing from {path.parent}: {how}.")
+
+
+def _read_json(path: Path, expect: type, what: str, how: str = _BUILD_OURS) -> Any:
+    """``path`` parsed as JSON, which must be a ``expect`` (dict or list); else W2WError naming the file and ``how``."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise W2WError(f"{path} is not valid JSON ({err}): the file is damaged; {how}.") from err
+    if not isinstance(obj, expect):
+        raise W2WError(f"{path} holds a JSON {type(obj).__name__}, but {path.name} is {what}: wrong or damaged "
+                       f"file; {how}.")
+    return obj
+
+
+def _check_float(t: Any, path: Path, name: str, how: str) -> None:
+    """Refuse a tensor that is not floating point (int, bool, complex) instead of casting it silently."""
+    if not isinstance(t, torch.Tensor):
+        raise W2WError(f"{path} holds a {type(t).__name__}, not a tensor: wrong file? {how}.")
+    if not t.is_floating_point():
+        raise W2WError(f"{name} in {path} has dtype {str(t.dtype).replace('torch.', '')}, but weights and their "
+                       f"statistics must be {_FLOAT_DTYPES}: the file was not written from LoRA weights, or was "
+                       f"converted wrongly; {how}.")
 
 
 def _bad_rows(block: torch.Tensor, offset: int) -> list[int]:
@@ -70,17 +96,21 @@ def _attributes_csv_text(attributes: Mapping[str, np.ndarray], index: Sequence[A
     return buf.getvalue()
 
 
-def _read_attributes_csv(path: Path, n: int) -> tuple[list[str], dict[str, np.ndarray]]:
+def _read_attributes_csv(path: Path, n: int, how: str = _BUILD_OURS) -> tuple[list[str], dict[str, np.ndarray]]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or len(rows) - 1 != n:
         raise W2WError(f"{path} has {max(len(rows) - 1, 0):,} identities but all_weights has {n:,} rows: "
-                       f"files from different datasets? {_BUILD_OURS}.")
+                       f"files from different datasets? {how}.")
     names, body = rows[0][1:], rows[1:]
+    ragged = next((i for i, r in enumerate(body) if len(r) != len(rows[0])), None)
+    if ragged is not None:
+        raise W2WError(f"{path}: line {ragged + 2} has {len(body[ragged])} fields but the header has "
+                       f"{len(rows[0])}: the file is damaged; {how}.")
     try:
         data = np.array([[int(v) for v in r[1:]] for r in body], dtype=np.int64).reshape(n, len(names))
     except ValueError as err:
-        raise W2WError(f"{path}: every attribute must be an integer 0/1 ({err}).") from err
+        raise W2WError(f"{path}: every attribute must be an integer 0/1 ({err}); {how}.") from err
     return [r[0] for r in body], {k: _to_binary(k, data[:, j], n) for j, k in enumerate(names)}
 
 

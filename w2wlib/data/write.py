@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import operator
 import os
 import uuid
 from pathlib import Path
@@ -91,8 +92,11 @@ def save_weights(folder: str | os.PathLike, weights: torch.Tensor, layout: LoraL
     ...              extra={"held_out_seeds": [7, 9], "steps": 800}, dtype=torch.float16)  # doctest: +SKIP
     """
     folder = Path(folder)
-    if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or not weights.is_floating_point():
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 2:
         raise W2WError(f"weights must be a 2-D float tensor [N, D], not {getattr(weights, 'shape', weights)}.")
+    if not weights.is_floating_point():  # int, bool, complex: never cast silently
+        raise W2WError(f"weights have dtype {str(weights.dtype).replace('torch.', '')}, but LoRA weights are float "
+                       f"(float32 or float16): pass weights.float() if these values really are weights.")
     n, d = weights.shape
     if d != layout.dim:
         raise LayoutError(f"weights have {d:,} columns but the layout needs {layout.dim:,}: wrong layout?")
@@ -105,7 +109,11 @@ def save_weights(folder: str | os.PathLike, weights: torch.Tensor, layout: LoraL
         if not isinstance(name, str) or not name or name == "identity_seed" or any(c in name for c in ',"\n'):
             raise W2WError(f"Attribute name {name!r} is not a plain CSV column name.")
         attrs[name] = _to_binary(name, v, n)
-    seeds = None if identity_seeds is None else [int(s) for s in identity_seeds]
+    try:  # operator.index: 3.7 or "7" is refused rather than truncated or parsed
+        seeds = None if identity_seeds is None else [operator.index(s) for s in identity_seeds]
+    except TypeError as err:
+        raise W2WError(f"identity_seeds must be ints, one per row ({err}); pass the integer seeds the identities "
+                       f"were rendered from.") from err
     if seeds is not None and (len(seeds) != n or len(set(seeds)) != n):
         raise W2WError(f"identity_seeds must be {n:,} distinct ints, one per row; got {len(seeds):,} "
                        f"({len(set(seeds)):,} distinct).")

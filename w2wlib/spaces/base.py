@@ -10,6 +10,9 @@ On disk a space is a folder of two files, written together and renamed into plac
 - ``config.json``: ``{"format", "kind", "w2wlib_version", "space_id", "config"}``;
 - ``tensors.safetensors``: the space's tensors, with the same ``space_id`` in its metadata.
 
+``space_id`` is a sha256 of the saved config and tensors, and the safetensors header is written with
+sorted keys, so saving the same space twice gives byte-identical folders.
+
 Example:
     >>> import torch
     >>> from w2wlib.spaces import PCASpace, load_space
@@ -22,8 +25,11 @@ Example:
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
 import uuid
@@ -138,6 +144,7 @@ class WeightSpace(abc.ABC):
 
     def encode_weights(self, w: torch.Tensor) -> torch.Tensor:
         """Raw LoRA rows ``[N, D]`` -> latents ``[N, k]`` (standardises first)."""
+        _check_float_dtype(w, "w")
         return self.encode(self.standardise(w.to(self.device, torch.float32)))
 
     def decode_weights(self, z: torch.Tensor) -> torch.Tensor:
@@ -150,6 +157,7 @@ class WeightSpace(abc.ABC):
             raise W2WError("Pass both mean and std, or neither.")
         if mean is not None:
             for name, t in (("mean", mean), ("std", std)):
+                _check_float_dtype(t, name)
                 if tuple(t.shape) != (self.dim,):
                     raise W2WError(f"{name} has shape {tuple(t.shape)} but this space has D={self.dim:,}.")
             if not (torch.isfinite(mean).all() and (std > 0).all()):
@@ -171,6 +179,7 @@ class WeightSpace(abc.ABC):
         if w.shape[1] != self.dim:
             raise W2WError(f"{name} has {w.shape[1]:,} columns but this {type(self).__name__} has D={self.dim:,}: "
                            f"wrong dataset or layout?")
+        _check_float_dtype(w, name)
         _check_finite(w, name)
         return w.to(self.device, torch.float32)
 
@@ -178,6 +187,7 @@ class WeightSpace(abc.ABC):
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise W2WError(f"{name} must be [N, {self.latent_dim}] latents of this {type(self).__name__}; got "
                            f"{tuple(getattr(z, 'shape', ()))}.")
+        _check_float_dtype(z, name)
         _check_finite(z, name)
         return z.to(self.device, torch.float32)
 
@@ -198,17 +208,20 @@ class WeightSpace(abc.ABC):
         config, tensors = self._state()
         if self.mean is not None:
             tensors = {**tensors, "_mean": self.mean, "_std": self.std}
-        space_id = uuid.uuid4().hex
-        doc = {"format": _FORMAT, "kind": self.kind, "w2wlib_version": __version__, "space_id": space_id,
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        doc = {"format": _FORMAT, "kind": self.kind, "w2wlib_version": __version__, "space_id": "",
                "config": config}
         text = json.dumps(doc, indent=1)  # fails here, before anything is written, if not JSON-able
+        doc["space_id"] = space_id = _content_id(text, tensors)  # same content, same id: reproducible files
+        text = json.dumps(doc, indent=1)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.{space_id[:8]}.tmp"
-        old = folder.parent / f".{folder.name}.{space_id[:8]}.old"
+        unique = uuid.uuid4().hex[:8]  # temporaries only: two saves at once never share them
+        tmp = folder.parent / f".{folder.name}.{unique}.tmp"
+        old = folder.parent / f".{folder.name}.{unique}.old"
         try:
             tmp.mkdir()
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE),
-                      metadata={"format": "pt", "space_id": space_id, "kind": self.kind})
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt", "space_id": space_id, "kind": self.kind})
+            _sort_safetensors_header(tmp / TENSORS_FILE)
             (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
             if folder.exists():
                 os.replace(folder, old)
@@ -272,6 +285,53 @@ def active_units(z_mean: torch.Tensor, threshold: float = 0.01) -> tuple[int, to
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_float_dtype(t: torch.Tensor, name: str) -> None:
+    """Refuse int, bool and complex tensors, which ``.to(float32)`` would cast silently."""
+    if isinstance(t, torch.Tensor) and not t.is_floating_point():
+        raise W2WError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, but weights and latents must be "
+                       f"float32 (or float16, bfloat16, float64): pass {name}.float() if the values are right, or "
+                       f"check where {name} came from.")
+
+
+def _check_sample_args(n: int, scale: float) -> None:
+    """``sample(n, scale=...)``: n a positive int, scale a finite positive number (else NaN or degenerate draws)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise W2WError(f"sample needs an int n >= 1, not {n!r}.")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.is_complex():
+        scale = float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise W2WError(f"scale must be a finite number > 0 (1.0 samples the prior as fitted, < 1 stays closer to "
+                       f"its centre), not {scale!r}.")
+
+
+def _content_id(config_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (first 32 hex digits) of the config text and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(config_text.encode())
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+def _sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys: safetensors writes ``__metadata__`` in hash-map order,
+    which changes from one process to the next. Same data offsets, so the tensor bytes are untouched."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        new = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+        if len(new) <= n:  # the usual case: same keys, same length, padded with spaces as safetensors pads
+            f.seek(8)
+            f.write(new + b" " * (n - len(new)))
+            return
+        f.seek(8 + n)
+        data = f.read()
+    new += b" " * (-len(new) % 8)
+    with open(path, "wb") as f:
+        f.write(len(new).to_bytes(8, "little") + new + data)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import W2WError
-from .base import WeightSpace, _StdRows
+from .base import WeightSpace, _check_sample_args, _StdRows
 
 __all__ = ["PCASpace"]
 
@@ -144,8 +144,7 @@ class PCASpace(WeightSpace):
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, scale: float = 1.0) -> torch.Tensor:
         """``[n, k]`` coefficients, each from ``N(coeff_mean_i, (scale * coeff_std_i)**2)`` as w2w samples."""
-        if n < 1:
-            raise W2WError(f"sample needs n >= 1, not {n}.")
+        _check_sample_args(n, scale)
         dev = generator.device if generator is not None else self.device
         eps = torch.randn(n, self.latent_dim, generator=generator, device=dev).to(self.device)  # [n, k]
         return self.coeff_mean + scale * self.coeff_std * eps

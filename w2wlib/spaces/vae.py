@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import W2WError
-from .base import WeightSpace
+from .base import WeightSpace, _check_sample_args
 
 __all__ = ["VAEConfig", "WeightVAE", "VAESpace", "SD15_DIM"]
 
@@ -298,8 +298,7 @@ class VAESpace(WeightSpace):
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, scale: float = 1.0) -> torch.Tensor:
         """``[n, k]`` draws from the prior N(0, I); ``scale`` < 1 is a lower temperature."""
-        if n < 1:
-            raise W2WError(f"sample needs n >= 1, not {n}.")
+        _check_sample_args(n, scale)
         dev = generator.device if generator is not None else self.device
         return scale * torch.randn(n, self.latent_dim, generator=generator, device=dev).to(self.device)
 
