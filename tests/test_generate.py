@@ -10,7 +10,8 @@ from w2wlib import W2WError
 from w2wlib.generate import generate, image_generator
 from w2wlib.lora import LoraLayout
 from w2wlib.lora_io import save_diffusers_lora
-from w2wlib.metrics import functional_id_scores, identity_scores
+from w2wlib.metrics import identity_scores
+from w2wlib.world.scoring import functional_id_scores
 
 
 @pytest.fixture(scope="module")

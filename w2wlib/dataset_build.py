@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .diffusion import training_scheduler
 from .errors import W2WError
 from .stages import Stages, portable_path, write_manifest
 
@@ -58,7 +59,7 @@ class DatasetConfig:
     guidance: float = 4.0        # classifier-free guidance of generated images (class images, oracle)
     dreambooth: dict[str, Any] = field(default_factory=dict)  # DreamBoothConfig fields over its defaults
     oracle_identities: int = 256 # training identities scored by the oracle
-    oracle_images: int = 4       # generated images (and evaluation renders) per scored identity
+    oracle_images: int = 6       # noise seeds (and evaluation renders) per scored identity
     seed: int = 0                # identity draws, class images, DreamBooth streams, oracle noise
 
     @classmethod
@@ -147,7 +148,7 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
             cls = torch.load(st.work / "class_images.pt", weights_only=True)
             DB.train_shards(train.tolist(), st.work / "shards", unet=pipe.unet, vae=pipe.vae,
                             text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                            noise_scheduler=_ddpm(pipe), class_images=cls, cfg=db, chunk_size=cfg.chunk_size,
+                            noise_scheduler=training_scheduler(pipe), class_images=cls, cfg=db, chunk_size=cfg.chunk_size,
                             instance_images=functools.partial(instance_images, k=db.images_per_identity),
                             state=state, progress=progress)
         elif stage == "dataset" and state.is_main_process:
@@ -213,35 +214,40 @@ def fine_tune(pipe, seeds, cfg: DatasetConfig, class_pool: torch.Tensor | None, 
     from .dreambooth import train_identities
 
     db = dataclasses.replace(cfg.dreambooth_config(), **changes)
-    return train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _ddpm(pipe),
+    return train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe),
                             instance_images(seeds, db.images_per_identity), class_pool, db,
                             identity_keys=[int(s) for s in seeds], progress=progress, on_step=on_step)
 
 
-def _ddpm(pipe):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
-
-
 def _oracle(out: Path, cfg: DatasetConfig, pipe, enc, train: np.ndarray, progress: bool) -> dict:
-    """Own-LoRA, base-model and other-identity ID scores of the first ``oracle_identities`` identities."""
+    """Does a LoRA pin its person? For the first ``oracle_identities`` identities, each LoRA's images over
+    ``oracle_images`` noise seeds (never used in training) against evaluation renders (never trained on):
+    own-LoRA, base-model and other-identity ID scores, and identity consistency within a LoRA's images
+    against across LoRAs."""
     from .data import open_weights
-    from .metrics import functional_id_scores as score
+    from .generate import generate
+    from .metrics import identity_consistency, identity_scores
+    from .world.render import EVAL_VIEWS, identity_views
 
     ds = open_weights(out)
-    n = min(cfg.oracle_identities, len(ds))
+    n, m = min(cfg.oracle_identities, len(ds)), cfg.oracle_images
     W, seeds = ds.rows(slice(0, n)), train[:n]
-    layout = ds.lora_layout(pipe.unet)
-    kw = dict(n_images=cfg.oracle_images, n_renders=cfg.oracle_images, seed=cfg.seed, guidance=cfg.guidance, steps=cfg.sample_steps,
-              prompt=cfg.dreambooth_config().instance_prompt, layout=layout, progress=progress)
-    own = score(pipe, enc, W, seeds, **kw)
-    base = score(pipe, enc, None, seeds, **kw)
-    other = score(pipe, enc, W[torch.roll(torch.arange(n), 1)], seeds, **kw)   # identity i+... scored as i
-    summary = {"n": n, **{f"{k}_mean": float(v.mean()) for k, v in (("own", own), ("base", base), ("other", other))},
+    kw = dict(n_per_row=m, seed=cfg.seed, guidance=cfg.guidance, steps=cfg.sample_steps,
+              prompt=cfg.dreambooth_config().instance_prompt, progress=progress)
+    images = generate(pipe, W, layout=ds.lora_layout(pipe.unet), **kw)               # [n*m, H, W, 3], row-major
+    base_images = generate(pipe, None, **kw)                                         # [m]: the same seeds, no LoRA
+    refs = identity_views(seeds, m, EVAL_VIEWS)
+    own = identity_scores(enc, images, refs, m, m)
+    other = identity_scores(enc, np.roll(images, m, axis=0), refs, m, m)            # LoRA i-1's images, scored as i
+    base = identity_scores(enc, np.tile(base_images, (n, 1, 1, 1)), refs, m, m)
+    within, across = identity_consistency(enc, images, m)
+    summary = {"n": n, "images_per_identity": m,
+               **{f"{k}_mean": float(v.mean()) for k, v in (("own", own), ("base", base), ("other", other))},
                "margin_over_base": float((own - base).mean()), "margin_over_other": float((own - other).mean()),
-               "own_above_both": float(((own > base) & (own > other)).float().mean())}
+               "own_above_both": float(((own > base) & (own > other)).float().mean()),
+               "consistency_within": float(within.mean()), "consistency_across": across,
+               "consistency_gap": float(within.mean()) - across}
     (out / "oracle.json").write_text(json.dumps({"summary": summary, "identity_seeds": seeds.tolist(),
-                                                 "own": own.tolist(), "base": base.tolist(), "other": other.tolist()},
-                                                indent=1))
+                                                 "own": own.tolist(), "base": base.tolist(), "other": other.tolist(),
+                                                 "within": within.tolist()}, indent=1))
     return summary

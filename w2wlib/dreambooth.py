@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from .diffusion import check_prediction_type, ddpm_loss
 from .errors import LayoutError, W2WError
 from .lora import BatchedLora, LoraLayout
+from .optim import adamw
+from .seeding import generator
 
 __all__ = ["DreamBoothConfig", "StepDraw", "init_lora_bank", "draw_step", "encode_images", "encode_prompts",
            "train_identities", "generate_class_images", "train_shards", "merge_shards", "shard_name"]
@@ -70,6 +72,8 @@ class DreamBoothConfig:
     prior_loss_weight: float = 1.0                   # DreamBooth default weight of the class loss
     lr: float = 5e-4                                 # mini-world default, to be tuned (w2w: 1e-4 on SD 1.5)
     steps: int = 300                                 # optimiser steps per identity (w2w: 800)
+    lr_schedule: str = "constant"                    # constant (w2w, diffusers' default) | cosine (to 0 at steps)
+    warmup: int = 0                                  # linear warm-up steps of the cosine schedule
     images_per_identity: int = 8                     # instance images per identity (K); checked against the data
     class_images: int = 200                          # size of the shared prior-preservation pool (M); checked
     batch_per_identity: int = 1                      # instance samples (and as many class samples) per step
@@ -79,6 +83,10 @@ class DreamBoothConfig:
                                                      # False: each identity's own, which buries the learnt part
                                                      # of A under init noise (benchmarks/dreambooth_init.md)
     seed: int = 0                                    # root of every identity's random streams
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise W2WError(f"lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -93,11 +101,6 @@ class StepDraw(NamedTuple):
     class_idx: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
-
-
-def _generator(*entropy: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
 def _keys(keys: int | Sequence[int]) -> list[int]:
@@ -123,7 +126,7 @@ def init_lora_bank(layout: LoraLayout, keys: int | Sequence[int], seed: int = 0,
     keys = _keys(keys)
     W = torch.zeros(len(keys), layout.dim)
     for g, key in enumerate(keys):
-        gen = _generator(seed, _INIT) if shared else _generator(seed, key, _INIT)
+        gen = generator(seed, _INIT) if shared else generator(seed, key, _INIT)
         for e in layout.entries:
             a = torch.empty(e.a_shape)
             nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=gen)
@@ -138,7 +141,7 @@ def draw_step(cfg: DreamBoothConfig, key: int, step: int, n_instance: int, n_cla
     Seeded by ``(cfg.seed, key, step)`` alone, so a solo run (peft, say) can replay them exactly.
     With ``n_class == 0`` (no prior preservation) there are only ``b`` samples.
     """
-    b, gen = cfg.batch_per_identity, _generator(cfg.seed, key, _STEP, step)
+    b, gen = cfg.batch_per_identity, generator(cfg.seed, key, _STEP, step)
     inst = torch.randperm(n_instance, generator=gen)[:b] if b <= n_instance else \
         torch.randint(0, n_instance, (b,), generator=gen)
     if n_class:
@@ -256,16 +259,15 @@ def train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, instan
             raise W2WError(f"the data have {K} instance images per identity and {M} class images but the config "
                            f"says {cfg.images_per_identity} and {cfg.class_images}: the config is saved with the "
                            f"weights, so make it describe the data")
-        if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise W2WError(f"prediction_type {noise_scheduler.config.prediction_type!r} is not supported "
-                           f"(epsilon or v_prediction)")
+        check_prediction_type(noise_scheduler)
         emb = encode_prompts(tokenizer, text_encoder, [cfg.instance_prompt, cfg.class_prompt]).to(device)
         W0 = init_lora_bank(layout, keys, cfg.seed, shared=cfg.shared_init) if init is None else init.detach().float()
         if W0.shape != (G, layout.dim):
             raise LayoutError(f"init has shape {tuple(W0.shape)} but {G} identities x D={layout.dim:,} are needed")
         W = W0.to(device).clone().requires_grad_(True)
         # Adam is element-wise and every row gets a gradient at every step: per-row state == per-identity runs.
-        opt = torch.optim.Adam([W], lr=cfg.lr, weight_decay=0.0)
+        # weight_decay 0: no term touches a row from outside; the schedule is shared, as in G solo runs
+        opt, sched = adamw([W], lr=cfg.lr, steps=cfg.steps if cfg.lr_schedule == "cosine" else None, warmup=cfg.warmup)
         n = b + (b if M else 0)
         cond = torch.cat([emb[:1].expand(b, -1, -1), emb[1:].expand(n - b, -1, -1)])     # one identity's block
         per_fwd = cfg.identities_per_forward or G
@@ -284,15 +286,9 @@ def train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, instan
                                               ([cls[draws[g].class_idx]] if M else [])) for g in rows])
                     noise = torch.cat([draws[g].noise for g in rows]).to(device)
                     t = torch.cat([draws[g].timesteps for g in rows]).to(device)
-                    noisy = noise_scheduler.add_noise(x0, noise, t)
-                    if noise_scheduler.config.prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(x0, noise, t)
-                    else:
-                        target = noise
                     index = torch.arange(rows.start, rows.stop, device=device).repeat_interleave(n)
-                    with bank.use(W, index):
-                        pred = unet(noisy, t, encoder_hidden_states=cond.repeat(len(rows), 1, 1)).sample
-                    err = (pred.float() - target.float()).pow(2).flatten(1).mean(1).view(len(rows), n)
+                    err = ddpm_loss(unet, noise_scheduler, x0, noise, t, cond.repeat(len(rows), 1, 1),
+                                    bank=bank, W=W, index=index).view(len(rows), n)
                     loss = err[:, :b].mean(1)                                          # instance MSE
                     if M:
                         loss = loss + cfg.prior_loss_weight * err[:, b:].mean(1)       # prior preservation
@@ -301,7 +297,7 @@ def train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, instan
                 if cfg.max_grad_norm:
                     norms = W.grad.norm(dim=1, keepdim=True)
                     W.grad.mul_((cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0))
-                opt.step()
+                opt.step(), sched.step()
                 W.grad = None
                 if on_step is not None:
                     on_step(step, losses.cpu())
@@ -326,7 +322,7 @@ def generate_class_images(pipe, n: int, prompt: str = "a photo of a person", see
     out = []
     for i in tqdm(range(0, n, batch_size), desc="class images", disable=not progress):
         m = min(batch_size, n - i)
-        gens = [_generator(seed, i + j, _CLASS) for j in range(m)]
+        gens = [generator(seed, i + j, _CLASS) for j in range(m)]
         imgs = pipe(prompt=[prompt] * m, generator=gens, output_type="pt", **pipe_kwargs).images
         out.append(imgs.float().cpu() * 2 - 1)
     return torch.cat(out)

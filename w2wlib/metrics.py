@@ -3,9 +3,10 @@
 ``frechet_distance`` is FID's formula on any features; the book computes it in the identity encoder's
 embedding space (``fid_identity``), the mini world's analogue of FID's Inception features.
 
-``functional_id_scores`` is the seeds' ID score applied to weights: generate images with each identity's
-LoRA and compare them, through the identity encoder, with that identity's evaluation renders. It
-scores the dataset's LoRAs (the oracle) and the weights a space reconstructs or an inversion finds.
+``identity_scores`` is the seeds' ID score: the cosine, through an identity encoder, between the images
+a model generates and reference images of the person (renders, a user's photos, an unedited model's
+images). Every metric takes reference images, so SD 1.5 and the mini world are scored by the same call;
+the mini world's seed-based wrapper is :func:`w2wlib.world.scoring.functional_id_scores`.
 
 ``identity_consistency`` asks whether a model (a sampled LoRA) draws one identity: the cosine between
 its own images against that between images of different models.
@@ -28,7 +29,7 @@ import torch
 
 from .errors import W2WError
 
-__all__ = ["frechet_distance", "identity_scores", "functional_id_scores", "attribute_probe",
+__all__ = ["frechet_distance", "identity_scores", "attribute_probe", "bootstrap_ci",
            "reconstruction_mse", "identity_consistency"]
 
 
@@ -70,30 +71,6 @@ def identity_scores(encoder, images, renders, n_images: int, n_renders: int) -> 
         raise W2WError(f"{len(zi)} images and {len(zr)} renders do not split into identities of "
                        f"{n_images} and {n_renders}")
     return _mean_cosines(zi.view(g, n_images, -1), zr.view(g, n_renders, -1))
-
-
-def functional_id_scores(pipe, encoder, W: torch.Tensor | None, identity_seeds, *, n_images: int = 4,
-                         n_renders: int = 4, seed: int = 0, steps: int = 25, guidance: float = 4.0,
-                         prompt: str = "a photo of sks person", layout=None, progress: bool = False) -> torch.Tensor:
-    """ID score ``[G]`` of images generated from ``W [G, D]`` against renders of ``identity_seeds`` (``[G]``).
-
-    ``W=None`` scores the base model (the same ``n_images`` for every identity): the floor a LoRA must
-    beat. Renders are evaluation views (image seeds from ``EVAL_VIEWS``), never training images.
-    """
-    from .generate import generate
-    from .world.render import EVAL_VIEWS, identity_views
-
-    seeds = [int(s) for s in identity_seeds]
-    if W is not None and len(W) != len(seeds):
-        raise W2WError(f"W has {len(W)} rows but {len(seeds)} identity seeds were given; one seed per row")
-    if W is None:   # one set of base-model images, embedded once, scored against every identity
-        images = generate(pipe, None, prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance,
-                          progress=progress)
-        zr = encoder.embed(identity_views(seeds, n_renders, EVAL_VIEWS)).view(len(seeds), n_renders, -1)
-        return _mean_cosines(encoder.embed(images).view(1, n_images, -1), zr)
-    images = generate(pipe, W, prompt=prompt, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance,
-                      layout=layout, progress=progress)
-    return identity_scores(encoder, images, identity_views(seeds, n_renders, EVAL_VIEWS), n_images, n_renders)
 
 
 def attribute_probe(x_train: torch.Tensor, y_train: dict, x_val: torch.Tensor, y_val: dict, *,
@@ -176,3 +153,15 @@ def identity_consistency(encoder, images, n_per_row: int) -> tuple[torch.Tensor,
     # across rows, only pairs of different columns: column j of every row may share its noise (generate)
     across = sims[~torch.eye(g, dtype=torch.bool)][:, off].mean()
     return within, float(across)
+
+
+def bootstrap_ci(values, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of ``values`` and its percentile bootstrap ``level`` interval."""
+    x = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if len(x) == 0 or not torch.isfinite(x).all():
+        raise W2WError(f"bootstrap_ci needs finite values, got {len(x)} values with "
+                       f"{int((~torch.isfinite(x)).sum()) if len(x) else 0} non-finite")
+    idx = torch.randint(0, len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))
+    means = x[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(x.mean()), float(lo), float(hi)

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .optim import adamw
+from .seeding import seed_int
 from .errors import W2WError
 from .spaces.base import _StdRows
 from .stages import write_text_atomic
@@ -146,13 +147,8 @@ def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
     n_val = 0 if val_fraction <= 0 else max(1, round(val_fraction * n))
     if n - n_val < 1:
         raise W2WError(f"val_fraction={val_fraction} leaves no training rows out of {n}.")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 0)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_int(seed, 0)))
     return torch.sort(perm[n_val:]).values, torch.sort(perm[:n_val]).values
-
-
-def _mix(*ints: int) -> int:
-    """A 63-bit seed from a tuple of ints, stable across runs and machines."""
-    return int(np.random.SeedSequence([int(i) & (2**63 - 1) for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class _Order:
@@ -165,7 +161,7 @@ class _Order:
     def __call__(self, step: int) -> torch.Tensor:
         epoch, j = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, 1, epoch))
+            g = torch.Generator().manual_seed(seed_int(self.seed, 1, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.rows.numel(), generator=g)
         return self.rows[self._perm[j * self.batch:(j + 1) * self.batch]]
 
@@ -236,11 +232,7 @@ def train_vae(space_or_model: VAESpace | WeightVAE, data: Any, cfg: TrainConfig 
     out = Path(out_dir) if out_dir is not None else None
     ckpt = _load_checkpoint(out, cfg, model, src) if (out is not None and resume) else None
 
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)  # stepped once per step
+    opt, sched = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_factor=lambda s: lr_at(s, cfg) / cfg.lr)
     model, opt = acc.prepare(model, opt)
     start, history, elapsed = 0, [], 0.0
     sums, count = torch.zeros(4, dtype=torch.float64, device=acc.device), 0   # train metrics since the last row
@@ -268,7 +260,7 @@ def train_vae(space_or_model: VAESpace | WeightVAE, data: Any, cfg: TrainConfig 
         if acc.device.type == "cuda" else []                     # fork_rng restores the caller's RNG afterwards
     with torch.random.fork_rng(devices=devices), fetch:
         for step in range(start, stop):
-            torch.manual_seed(_mix(cfg.seed, 2, step, rank))   # noise and dropout of this step and rank
+            torch.manual_seed(seed_int(cfg.seed, 2, step, rank))   # noise and dropout of this step and rank
             x = fetch(step, step + 1 if step + 1 < stop else None).to(acc.device, non_blocking=True)  # [B / P, D]
             beta = beta_at(step, cfg)
             model.train()

@@ -53,15 +53,17 @@ class WorldConfig:
     teacher: dict[str, Any] = field(default_factory=lambda: {"seed": 1, "steps": 400})  # over EncoderConfig.micro()
     check_identities: int = 200                           # held-out identities in the quality gates
     check_samples: int = 256                              # base-model samples in the quality gates
+    guidance: float = 7.5                                 # CFG of the gates' samples: SD 1.5's default scale
 
     @classmethod
     def preset(cls, name: str) -> "WorldConfig":
         if name == "mini":
-            # Sized to build in about 2 hours on a 2-core CPU (measured with 2 threads: AE 0.75-1.6 s/step
-            # at batch 16 with its teacher, UNet 1.8 s/step at batch 128). More steps improve it.
+            # Sized to build in about 2.5 hours on a 2-core CPU (measured with 2 threads: AE 0.6 s/step at
+            # batch 16 with its teacher, UNet 1.1 s/step at batch 128). 1,500 UNet steps left the text
+            # pathway undertrained (../shared/NOTES.md); 3,000 with full descriptions wake it.
             return cls(name="mini",
                        autoencoder=P.AutoencoderConfig(n_identities=30_000, steps=3_000, batch=16, lr=2e-3),
-                       unet=P.UNetConfig(n_identities=20_000, views=5, steps=1_500, batch=128))
+                       unet=P.UNetConfig(n_identities=20_000, views=5, steps=3_000, batch=128))
         if name == "micro":
             return cls(name="micro",
                        autoencoder=P.AutoencoderConfig(n_identities=500, steps=12, batch=16),
@@ -74,10 +76,13 @@ class WorldConfig:
         d = dataclasses.asdict(self)
         deps = {"teacher": ["teacher"], "autoencoder": ["autoencoder"], "latents": ["autoencoder", "unet"], "unet": ["autoencoder", "unet"],
                 "encoder": ["autoencoder", "encoder", "encoder_preset"],
-                "check": ["autoencoder", "unet", "encoder", "encoder_preset", "check_identities", "check_samples"]}[stage]
+                "check": ["autoencoder", "unet", "encoder", "encoder_preset", "check_identities", "check_samples",
+                          "guidance"]}[stage]
         if "autoencoder" in deps:  # everything downstream of the autoencoder depends on its teacher
             deps = ["teacher", *deps]
         out = {k: d[k] for k in dict.fromkeys(deps)}
+        if stage == "latents":  # the cache depends only on which renders it holds, not on how the UNet trains
+            out["unet"] = {k: d["unet"][k] for k in ("n_identities", "views", "seed")}
         if "encoder" in deps:  # the resolved encoder config, so that a change of its defaults rebuilds
             out["encoder_resolved"] = dataclasses.asdict(self.encoder_config())
         return out
@@ -132,10 +137,10 @@ def build_world(out: Path, cfg: WorldConfig, *, device: torch.device, command: s
             torch.save({"latents": lat, "identity_seeds": torch.from_numpy(ids)}, st.work / "latents.pt")
         elif stage == "unet":
             cache = torch.load(st.work / "latents.pt", weights_only=True)
-            from .render import attributes, sample_identities
+            from .render import sample_identities
 
-            attrs = attributes(sample_identities(cache["identity_seeds"].numpy()))
-            unet, text = P.train_unet(cfg.unet, cache["latents"], attrs, tokenizer, device=device, progress=progress,
+            factors = sample_identities(cache["identity_seeds"].numpy())  # one row per cached latent
+            unet, text = P.train_unet(cfg.unet, cache["latents"], factors, tokenizer, device=device, progress=progress,
                                       checkpoint=st.checkpointer(stage), state=st.resume(stage))
             P.save_pipeline(pipe_dir, vae=vae().cpu(), unet=unet.cpu(), text_encoder=text.cpu(), tokenizer=tokenizer)
             extra["train_identity_seeds"] = sorted(set(cache["identity_seeds"].tolist()))[:5]
@@ -147,7 +152,7 @@ def build_world(out: Path, cfg: WorldConfig, *, device: torch.device, command: s
             extra["final_loss"] = history[-1] if history else None
         elif stage == "check":
             metrics = check.quality_gates(out, n_identities=cfg.check_identities, n_samples=cfg.check_samples,
-                                          device=device, progress=progress)
+                                          guidance=cfg.guidance, device=device, progress=progress)
             (out / "quality.json").write_text(json.dumps(metrics, indent=1))
         return extra
 

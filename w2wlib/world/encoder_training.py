@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from w2wlib.errors import W2WError
+from w2wlib.optim import adamw
 from w2wlib.viz import to_tensor
 from w2wlib.world.encoder import _REGRESSED, EncoderConfig, IdentityEncoder
 from w2wlib.world.render import FACTOR_NAMES, attributes, render, sample_identities
@@ -152,12 +153,7 @@ def train_encoder(cfg: EncoderConfig | None = None, *, device: str | torch.devic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = IdentityEncoder(cfg).to(device).train()
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        other = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        opt = torch.optim.AdamW([{"params": decay}, {"params": other, "weight_decay": 0.0}],
-                                lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))
-                                                  * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+        opt, sched = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps, warmup=cfg.warmup)
         n_recon = round(cfg.recon_fraction * cfg.batch_size) if recon_fn is not None else 0
         # render the next batch in a worker thread while this one trains (numpy releases the GIL)
         pool = concurrent.futures.ThreadPoolExecutor(1)

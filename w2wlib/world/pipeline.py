@@ -2,7 +2,8 @@
 
 Same architecture family as SD 1.5, scaled down (see ``../shared/NOTES.md`` for the figures):
 
-- a ``CLIPTokenizer`` with its own vocabulary (:mod:`w2wlib.world.text`) and a 2-layer ``CLIPTextModel``;
+- a ``CLIPTokenizer`` with its own vocabulary (:mod:`w2wlib.world.text`) and a 4-layer ``CLIPTextModel``
+  (64 wide, so that ``cross_attention_dim`` and the LoRA layout stay as they were);
 - an ``AutoencoderKL`` with factor 8: 64×64×3 images ↔ 4×8×8 latents (16 channels at full
   resolution rather than 32: half the training cost on a CPU, ~1.0M parameters);
 - a ``UNet2DConditionModel`` with cross-attention blocks (64, 128 channels; rank-1 LoRA on
@@ -17,7 +18,6 @@ The result loads with plain ``StableDiffusionPipeline.from_pretrained(folder)``,
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArtifactMissingError
+from ..optim import adamw
 from ..viz import to_tensor
 from . import render
-from .text import attribute_prompt, write_tokenizer_files
+from .text import PromptMix, identity_prompt, write_tokenizer_files
 
 __all__ = ["AutoencoderConfig", "UNetConfig", "make_tokenizer", "make_text_encoder", "make_autoencoder", "make_unet",
            "make_schedulers", "train_autoencoder", "encode_latents", "train_unet", "save_pipeline", "load_pipeline",
@@ -70,6 +71,8 @@ class UNetConfig:
     batch: int = 128
     lr: float = 4e-4
     uncond: float = 0.1         # fraction of empty prompts, for classifier-free guidance
+    generic: float = 0.15       # fraction of "a photo of a person" (PromptMix.generic)
+    short: float = 0.15         # fraction of short prompts (1-3 phrases); the rest are full descriptions
     checkpoint_every: int = 200 # steps between resumable checkpoints
     seed: int = 0
 
@@ -90,7 +93,7 @@ def make_tokenizer(folder: Path):
 def make_text_encoder(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
@@ -122,13 +125,6 @@ def make_schedulers():
             DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1))
 
 
-def _optimiser(params, lr: float, steps: int):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # math, not numpy: the schedule state must hold plain floats to reload with torch.load(weights_only=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    return opt, sched
-
-
 def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
@@ -153,7 +149,7 @@ def train_autoencoder(cfg: AutoencoderConfig, *, device: torch.device, progress:
     # drive learning from the first step; the KL term still regularises it.
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:] = cfg.init_logvar
-    opt, sched = _optimiser(vae.parameters(), cfg.lr, cfg.steps)
+    opt, sched = adamw(vae, lr=cfg.lr, steps=cfg.steps, warmup=100)
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
     start = 0
@@ -222,12 +218,12 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
-def train_unet(cfg: UNetConfig, latents: torch.Tensor, attrs: np.ndarray, tokenizer, *, device: torch.device,
+def train_unet(cfg: UNetConfig, latents: torch.Tensor, factors: render.Factors, tokenizer, *, device: torch.device,
                progress: bool = True, checkpoint: Callable[[int, dict], None] | None = None, state: dict | None = None):
     """Train UNet and text encoder together with the epsilon objective on cached latents.
 
-    ``latents[i]`` is an image of an identity whose attributes are ``attrs[i]``; prompts are drawn per
-    sample from those attributes (:func:`~w2wlib.world.text.attribute_prompt`).
+    ``latents[i]`` is an image of identity ``i`` of ``factors``; prompts are drawn per sample from its
+    description (:func:`~w2wlib.world.text.identity_prompt`), mostly naming the whole identity.
     """
     from tqdm.auto import tqdm
 
@@ -235,7 +231,7 @@ def train_unet(cfg: UNetConfig, latents: torch.Tensor, attrs: np.ndarray, tokeni
     unet, text_encoder = make_unet().to(device), make_text_encoder(tokenizer).to(device)
     noise_sched, _ = make_schedulers()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt, sched = _optimiser(params, cfg.lr, cfg.steps)
+    opt, sched = adamw(params, lr=cfg.lr, steps=cfg.steps, warmup=100)
     start = 0
     if state:
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"])
@@ -243,11 +239,12 @@ def train_unet(cfg: UNetConfig, latents: torch.Tensor, attrs: np.ndarray, tokeni
         start = state["step"]
     unet.train(), text_encoder.train()
     alphas = noise_sched.alphas_cumprod.to(device)
+    mix = PromptMix(generic=cfg.generic, short=cfg.short)
     bar = tqdm(range(start, cfg.steps), desc="unet", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.integers(0, len(latents), cfg.batch)
-        prompts = ["" if rng.random() < cfg.uncond else attribute_prompt(attrs[i], rng) for i in idx]
+        prompts = ["" if rng.random() < cfg.uncond else identity_prompt(factors, i, rng, mix) for i in idx]
         x0 = latents[idx].to(device)                                                   # [B,4,8,8]
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(x0.shape, generator=gen).to(device)
