@@ -37,3 +37,19 @@ def micro_dataset(micro_world, tmp_path_factory) -> Path:
     assert main(["dataset", "build", "--config", "micro", "--out", str(out), "--world", str(micro_world),
                  "--device", "cpu"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def S():
+    """The shipped dataset, spaces and split (data/), opened once."""
+    from w2wlib.spaces.shipped import open_spaces
+
+    return open_spaces(ROOT / "data" / "spaces", ROOT / "data" / "dataset")
+
+
+@pytest.fixture(scope="session")
+def shipped_pipe():
+    """The shipped mini world's pipeline (data/world/pipeline), loaded once."""
+    from w2wlib.world.pipeline import load_pipeline
+
+    return load_pipeline(ROOT / "data" / "world" / "pipeline")

@@ -102,6 +102,54 @@ def test_w2w_run_console_script(fake_root, tmp_path):
     assert bad.returncode == 1 and "bad.ipynb failed in cell 3" in bad.stderr
 
 
+# What each chapter must show under smoke: at least this many figures, and its tables by first header.
+CONTENT = {"mini_world": (7, ["identity", "component", "attribute", "gate"]),
+           "weights_dataset": (8, ["", "modules", "components", "identity"]),
+           "training_vae": (4, ["training", "schedule"]),
+           "latent_space": (6, ["weights", "k", "models"]),
+           "sampling": (4, ["models", "attribute", "source", "path"]),
+           "editing": (3, ["attribute", "edited attribute"]),
+           "inversion": (5, ["method"])}
+
+
+def _tables(page: str) -> dict[str, list[list[str]]]:
+    """The HTML tables of a page, by their first header cell: rows of cell texts (header row first)."""
+    out = {}
+    for tab in re.findall(r"<table.*?</table>", page, re.S):
+        rows = [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", r, re.S)]
+                for r in re.findall(r"<tr.*?</tr>", tab, re.S)]
+        out[rows[0][0]] = rows
+    return out
+
+
+def _num(cell: str) -> float:
+    return float(cell.split(" ")[0].replace(",", ""))
+
+
+def _check_chapter_content(html) -> None:
+    """Each chapter shows its figures and tables, and their key numbers are sane."""
+    tables = {}
+    for name, (n_figures, headers) in CONTENT.items():
+        page = (html / "book" / f"{name}.html").read_text()
+        assert page.count("<img") >= n_figures, f"{name}: {page.count('<img')} figures, expected >= {n_figures}"
+        tables[name] = _tables(page)
+        assert sorted(tables[name]) == sorted(headers), f"{name}: tables {sorted(tables[name])}"
+    # the dataset chapter: the PCA spectrum is a share (<= 1, growing); a loaded LoRA beats the base model
+    shares = [_num(r[1]) for r in tables["weights_dataset"]["components"][1:]]
+    assert all(0 < a <= b <= 1 for a, b in zip(shares, shares[1:] + [1]))
+    mean = tables["weights_dataset"]["identity"][-1]
+    assert mean[0] == "mean" and _num(mean[1]) > _num(mean[2])
+    # held-out reconstruction errors are finite and below the mean identity's (1.0)
+    for row in tables["latent_space"]["weights"][2:4]:
+        assert 0 < _num(row[1]) < 1, row
+    for row in tables["training_vae"]["schedule"][1:]:
+        assert 0 < _num(row[1]) < 10, row
+    # every inversion row has an ID score (a cosine) and a time for the methods
+    rows = tables["inversion"]["method"][1:]
+    assert len(rows) >= 9 and all(-1 <= _num(r[1]) <= 1 for r in rows)
+    assert all(_num(r[4]) > 0 for r in rows if not r[0].startswith(("floor", "DreamBooth", "ceiling")))
+
+
 @pytest.mark.book
 def test_whole_book_builds_under_smoke(root, tmp_path):
     """Every notebook in the toc executes under `smoke`, and the HTML has every chapter, offline."""
@@ -129,3 +177,4 @@ def test_whole_book_builds_under_smoke(root, tmp_path):
     assert page.count("<img") >= 2
     # A Markdown table printed by a cell renders as an HTML table (MyST), not as pipe-separated text.
     assert re.search(r"<table[^>]*>\s*<thead>\s*<tr[^>]*><th[^>]*><p>identity</p></th>", page)
+    _check_chapter_content(html)

@@ -32,12 +32,17 @@ def test_both_spaces_load_and_map_held_out_identities(micro_spaces, micro_datase
     assert pca.latent_dim == cfg.pca_k and vae.latent_dim == cfg.latent and pca.dim == vae.dim == ds.dim
     split = json.loads((micro_spaces / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == list(range(len(ds))) and split["val"]
-    # the PCA is fit on the training identities only: they are reconstructed exactly at full rank ...
+    # the PCA is fit on the training identities only: at full rank (k = 6 = the training rows) they are
+    # reconstructed up to float32 rounding (|x| <= 2.5: ~5e-6) ...
     train = ds.standardise(ds.rows(split["train"]))
-    torch.testing.assert_close(pca.decode(pca.encode(train)), train, atol=1e-3, rtol=0)
-    # ... while held-out identities are not in its span
+    assert pca.latent_dim == len(split["train"]) == torch.linalg.matrix_rank(train.double())
+    torch.testing.assert_close(pca.decode(pca.encode(train)), train, atol=5e-5, rtol=0)
+    # ... while a held-out identity keeps exactly its part outside the training rows' span (a QR reference)
     val = ds.standardise(ds.rows(split["val"]))
-    assert (pca.decode(pca.encode(val)) - val).square().mean() > 1e-3
+    q = torch.linalg.qr(train.double().T).Q                            # [D, 6] orthonormal basis of the rows
+    off_span = val.double() - val.double() @ q @ q.T                   # [2, D]
+    mse = (pca.decode(pca.encode(val)) - val).square().mean()
+    assert float(mse) == pytest.approx(float(off_span.square().mean()), rel=1e-5) and mse > 0.1
     for space in (pca, vae):
         z = space.encode(val)
         assert z.shape == (len(val), space.latent_dim) and space.decode(z).shape == val.shape
@@ -108,10 +113,46 @@ def test_the_shipped_spaces_load_reconstruct_held_out_identities_and_sample():
         mse_vae = float(reconstruction_mse(vae, x_val).mean())
         mse_pca = float(reconstruction_mse(pca.truncated(cfg.latent), x_val).mean())
     assert mse_vae == pytest.approx(manifest["results"]["vae"]["val_recon"], abs=1e-4)
-    assert 0.5 < mse_vae < 1.0 and 0.5 < mse_pca < 1.0           # both explain part of held-out identities
-    g = torch.Generator().manual_seed(0)
-    for space in (pca, vae):
-        with torch.no_grad():
-            w = space.unstandardise(space.decode(space.sample(3, g)))
+    # the exact top-64 PCA's held-out error, recorded in data/README.md; the shipped VAE is the one below it
+    assert mse_pca == pytest.approx(0.7724, abs=1e-4) and mse_vae < mse_pca
+    # Samples carry the energy (mean square of standardised entries) that each space explains. Checked in
+    # the standardised space: on the raw scale the dataset mean dominates, and a decoder that returned zeros
+    # would still give rows at 0.88 of the data's std.
+    n, g = 64, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z_pca, z_vae = pca.sample(n, g), vae.sample(n, g)
+        e_pca = float(pca.decode(z_pca).square().mean())
+        e_vae, e_rec = float(vae.decode(z_vae).square().mean()), float(vae.decode(vae.encode(x_val)).square().mean())
+    # PCA (orthonormal components): E = sum(m^2 + s^2) / D over the coefficients' means m and stds s; over n
+    # samples its standard deviation is sqrt(sum(4 m^2 s^2 + 2 s^4) / n) / D (0.0076 here, E = 0.662)
+    m, s = pca.coeff_mean.double(), pca.coeff_std.double()
+    expected = float((m ** 2 + s ** 2).sum()) / pca.dim
+    sd = float((4 * m ** 2 * s ** 2 + 2 * s ** 4).sum() / n) ** 0.5 / pca.dim
+    assert abs(e_pca - expected) < 5 * sd, (e_pca, expected, sd)
+    # VAE: no closed form. Its held-out reconstructions keep the energy the MSE leaves (0.233 + 0.765 = 0.998
+    # against the rows' 1.005, as for an MSE-optimal decoder), and prior draws decode to 0.65 of that (0.15):
+    # the posterior means spread wider than the N(0, I) prior (variance 1.44), so the prior sits inside them.
+    # A 2x band, where the raw-scale check allowed 25x.
+    assert abs(e_rec + mse_vae - float(x_val.square().mean())) < 0.02
+    assert 0.5 * e_rec < e_vae < e_rec, (e_vae, e_rec)
+    for space, z in ((pca, z_pca), (vae, z_vae)):
+        w = space.unstandardise(space.decode(z[:3]).detach())       # raw LoRA rows
         assert w.shape == (3, ds.dim) and torch.isfinite(w).all()
-        assert 0.2 < float(w.std() / ds.rows([0, 1, 2]).std()) < 5   # samples are at the data's scale
+
+
+def test_amortised_inverters_ship_with_the_spaces(micro_spaces, micro_dataset):
+    """Both amortised inverters are built from renders of the dataset's identities, listed in the manifest,
+    and predict codes of the space's first `latent` dimensions."""
+    from w2wlib.invert.amortised import AmortisedInverter
+    from w2wlib.world.render import identity_views
+
+    manifest = json.loads((micro_spaces / "manifest.json").read_text())
+    cfg = SpacesConfig.preset("micro")
+    ds = open_weights(micro_dataset)
+    for name in ("pca", "vae"):
+        assert {f"amortised/{name}/config.json", f"amortised/{name}/model.safetensors"} <= set(manifest["files"])
+        net = AmortisedInverter.load(micro_spaces / "amortised" / name)
+        assert net.config.space == name and net.config.k == cfg.latent and net.config.steps == cfg.amortised["steps"]
+        u = net.predict(identity_views(ds.identity_seeds[:3], 1))
+        assert u.shape == (3, cfg.latent) and torch.isfinite(u).all()
+        assert manifest["results"]["amortised"][name]["val_mse"] > 0

@@ -7,6 +7,10 @@
     w2w dataset build [--config mini|micro] [--out DIR] [--world DIR]  train the identity LoRAs (resumable;
                                                                   under `accelerate launch` shards split across processes)
     w2w spaces build [--config mini|micro] [--out DIR] [--dataset DIR]  fit the PCA, train the VAE (resumable)
+    w2w invert IMAGE... [--space pca|vae] [--method gradient|cmaes] [--out DIR]  one model folder per image
+    w2w sample --space pca|vae -n N --out DIR                    N sampled models, one folder each
+    w2w edit --space pca|vae --attribute NAME --strength S (--row I | --lora FILE) --out DIR  an edited model
+    w2w export (--row I | --latent FILE) [--space pca|vae] --format diffusers|peft|w2w --out DIR  model files
     w2w profiles                                                  list profiles and their settings
 """
 
@@ -137,6 +141,85 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_invert(args: argparse.Namespace) -> int:
+    from .invert import InversionConfig
+    from .invert.files import invert_files
+    from .profile import load_profile
+    from .spaces.shipped import open_spaces
+    from .world.pipeline import load_pipeline
+
+    profile = load_profile(args.profile, {"device": args.device} if args.device else None)
+    over = {k: v for k, v in (("steps", args.steps), ("k", args.k), ("lr", args.lr), ("seed", args.seed)) if v is not None}
+    cfg = InversionConfig.w2w(**over) if args.recipe == "w2w" else InversionConfig(method=args.method, **over)
+    spaces = open_spaces(profile.path("spaces_dir"), profile.path("dataset_dir"), device=profile.device)
+    pipe = load_pipeline(profile.path("world_dir") / "pipeline", device=profile.device)
+    for folder in invert_files(args.images, args.out, pipe=pipe, spaces=spaces, space=args.space, cfg=cfg,
+                               n_preview=args.preview, overwrite=args.overwrite):
+        print(folder)
+    return 0
+
+
+def _model_context(args: argparse.Namespace):
+    """(pipeline, spaces) of the profile, for the commands that make models (sample, edit, export)."""
+    from .profile import load_profile
+    from .spaces.shipped import open_spaces
+    from .world.pipeline import load_pipeline
+
+    profile = load_profile(args.profile, {"device": args.device} if args.device else None)
+    spaces = open_spaces(profile.path("spaces_dir"), profile.path("dataset_dir"), device=profile.device)
+    pipe = load_pipeline(profile.path("world_dir") / "pipeline", device=profile.device)
+    return pipe, spaces
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import check_count, sample_to_folders
+
+    check_count(args.n)                                # before loading anything
+    check_count(args.preview, "--preview", "a number of images")
+    pipe, spaces = _model_context(args)
+    for folder in sample_to_folders(args.out, pipe=pipe, spaces=spaces, space=args.space, n=args.n, seed=args.seed,
+                                    scale=args.scale, n_preview=args.preview, overwrite=args.overwrite):
+        print(folder)
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from .edit import SWITCH_T, check_edit_args, edit_to_folder
+
+    check_edit_args(args.strength, args.row, args.lora, args.preview)   # before loading anything
+    pipe, spaces = _model_context(args)
+    debias = "correlated" if args.debias is None else [] if args.debias == ["none"] else args.debias
+    print(edit_to_folder(args.out, pipe=pipe, spaces=spaces, space=args.space, attribute=args.attribute,
+                         strength=args.strength, row=args.row, lora=args.lora, debias=debias,
+                         switch_t=SWITCH_T if args.switch_t is None else args.switch_t, n_preview=args.preview,
+                         seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .sampling import check_count, check_formats, export_to_folder
+
+    if (args.row is None) == (args.latent is None):   # checked before loading anything
+        raise W2WError("give exactly one of --row I (a dataset row) or --latent FILE (a latent.safetensors)")
+    formats = check_formats(args.format or ["diffusers", "peft"])
+    check_count(args.preview, "--preview", "a number of images")
+    pipe, spaces = _model_context(args)
+    print(export_to_folder(args.out, pipe=pipe, spaces=spaces, row=args.row, latent=args.latent, space=args.space,
+                           formats=formats, n_preview=args.preview, seed=args.seed,
+                           overwrite=args.overwrite))
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options every model-making command shares."""
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preview", type=int, default=4, help="images in each preview.png (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="root seed of the noise (and of sampling)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument("--profile", default="mini")
+    p.add_argument("--device", help="override the profile's device (cpu, cuda)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2w", description="w2w-book: weight spaces of personalised diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -176,6 +259,52 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="mini")
         p.add_argument("--device", help="override the profile's device (cpu, cuda)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("invert", help="invert image files into a weight space: one LoRA folder per image")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="square PNG/JPEG face images (resized to the model's size)")
+    p.add_argument("--space", default="vae", choices=["pca", "vae"], help="weight space to invert into (default: vae)")
+    p.add_argument("--method", default="gradient", choices=["gradient", "cmaes"], help="search (default: gradient)")
+    p.add_argument("--recipe", choices=["w2w"], help="w2w's own settings (raw PCA coefficients, Adam lr 0.1, 400 steps)")
+    p.add_argument("--steps", type=int, help="optimiser steps or CMA-ES generations")
+    p.add_argument("--k", type=int, help="search the first k latent dimensions (PCA: top-k components)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (gradient)")
+    p.add_argument("--seed", type=int, help="root seed of the noise draws")
+    p.add_argument("--preview", type=int, default=4, help="images of each inverted model in its preview.png")
+    p.add_argument("--out", default="inverted", help="output folder (default: ./inverted)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument("--profile", default="mini")
+    p.add_argument("--device", help="override the profile's device (cpu, cuda)")
+    p.set_defaults(func=_cmd_invert)
+
+    p = sub.add_parser("sample", help="sample models from a weight space: one LoRA folder each")
+    p.add_argument("--space", default="vae", choices=["pca", "vae"], help="PCA: per-coefficient Gaussians (w2w); "
+                   "VAE: its prior N(0, I) (default: vae)")
+    p.add_argument("-n", type=int, default=4, help="how many models (default: 4)")
+    p.add_argument("--scale", type=float, default=1.0, help="spread of the prior (< 1 stays nearer its centre)")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("edit", help="edit a model along an attribute direction (w2w's least squares, debiased)")
+    p.add_argument("--space", default="pca", choices=["pca", "vae"], help="space of the direction (default: pca)")
+    p.add_argument("--attribute", required=True, help="attribute label to add (+) or remove (-), e.g. Male, Beard")
+    p.add_argument("--strength", type=float, required=True, help="dataset standard deviations along the direction")
+    p.add_argument("--row", type=int, help="edit this dataset row")
+    p.add_argument("--lora", help="or edit this LoRA file or folder (diffusers or peft; a w2w model folder)")
+    p.add_argument("--debias", action="append", metavar="NAME", help="attribute to project out (repeatable; "
+                   "default: those correlated with --attribute; 'none' for w2w's raw direction)")
+    p.add_argument("--switch-t", type=int, help="timestep from which the edited weights draw the preview "
+                   "(w2w's start_noise; default: w2wlib.edit.SWITCH_T)")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_edit)
+
+    p = sub.add_parser("export", help="write a dataset row or a saved latent as diffusers, peft or w2w files")
+    p.add_argument("--row", type=int, help="a row of the weights dataset")
+    p.add_argument("--latent", help="or a latent.safetensors written by w2w sample/edit/invert (or its folder)")
+    p.add_argument("--space", choices=["pca", "vae"], help="the latent's space (read from the file when it says)")
+    p.add_argument("--format", action="append", metavar="diffusers|peft|w2w",
+                   help="repeatable (default: diffusers and peft); w2w writes w2wmodel.pt, the PCA coefficients")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("profiles", help="list the shipped profiles and their settings")
     p.set_defaults(func=_cmd_profiles)

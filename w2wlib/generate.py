@@ -6,40 +6,53 @@ classifier-free guidance (the pipeline's doubled batch uses row ``n % B``). Imag
 starts from the same noise (its generator is seeded by ``(seed, j)``), so images of different weights
 are paired: the base model, a reconstruction and the original identity differ only by their weights.
 
+``edited=`` with ``switch_t=`` is w2w's timestep switch for edits (its ``edit_inference``): the original
+rows denoise the early, high-noise steps (timestep ``t > switch_t``), which lay out the image, and the
+edited rows every step after (``t <= switch_t``), so an edit changes the person without moving the picture.
+
 Example:
     >>> imgs = generate(pipe, W[:4], n_per_row=2, steps=25)     # doctest: +SKIP
     >>> imgs.shape                                             # doctest: +SKIP
     (8, 64, 64, 3)
+    >>> edited = generate(pipe, W[:4], edited=W_edit[:4], switch_t=800)   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
 
 from .errors import W2WError
 from .lora import BatchedLora, LoraLayout
+from .seeding import generator
 
 __all__ = ["generate", "image_generator"]
 
 
 def image_generator(seed: int, j: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of image ``j``: seeded by ``(seed, j)``, whatever the batch it falls in."""
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+    """The generator of image ``j``: the stream ``(seed, j)`` (:mod:`w2wlib.seeding`), whatever the batch it falls in."""
+    return generator(seed, j, device=device)
 
 
 @torch.no_grad()
 def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of sks person", n_per_row: int = 1,
              seed: int = 0, steps: int = 25, guidance: float = 4.0, batch: int = 32,
-             layout: LoraLayout | None = None, progress: bool = False) -> np.ndarray:
+             layout: LoraLayout | None = None, progress: bool = False, edited: torch.Tensor | None = None,
+             switch_t: int | None = None) -> np.ndarray:
     """Images of each LoRA in ``W [G, D]`` (``None``: the base model, one "row"), uint8 ``[G * n_per_row, H, W, 3]``.
 
     Images are row-major: ``out[g * n_per_row + j]`` is image ``j`` of row ``g``. ``layout`` is the
     LoRA layout of ``W`` (default: rank 1, alpha 27 on ``to_q``/``to_v``, as w2w; pass
     ``dataset.lora_layout(pipe.unet)`` for a dataset's own). The pipeline is left as it was (a LoRA bank
     the caller attached stays attached).
+
+    ``edited`` ``[G, D]`` (with ``switch_t``) are edited rows of ``W``: row ``g`` denoises the steps with
+    timestep ``t > switch_t`` with ``W[g]`` and the steps with ``t <= switch_t`` with ``edited[g]``. A
+    ``switch_t`` at or above the first timestep gives ``generate(pipe, edited)``, one below the last gives
+    ``generate(pipe, W)``.
     """
     from tqdm.auto import tqdm
 
@@ -49,6 +62,19 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
     device = pipe.unet.device
     if W is not None and W.dim() == 1:
         W = W[None]
+    if (edited is None) != (switch_t is None):
+        raise W2WError("pass edited= and switch_t= together: the edited rows and the timestep from which they "
+                       "replace the original ones (w2w's start_noise; 1000 edits every step)")
+    if edited is not None:
+        if W is None:
+            raise W2WError("edited= needs the original rows W too: the base model has no weights to edit")
+        edited = torch.as_tensor(edited)
+        edited = edited[None] if edited.dim() == 1 else edited
+        if isinstance(switch_t, bool) or not isinstance(switch_t, (int, float)) or math.isnan(switch_t):
+            raise W2WError(f"switch_t must be a timestep number (0 to 1000 for SD's schedulers), not {switch_t!r}")
+        if edited.shape != W.shape:
+            raise W2WError(f"edited has shape {tuple(edited.shape)} but W has {tuple(W.shape)}: give one edited row "
+                           f"per original row")
     rows = 1 if W is None else len(W)
     jobs = [(g, j) for g in range(rows) for j in range(n_per_row)]
     out = []
@@ -57,12 +83,36 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
     with bank_cm as bank:
         if bank is not None:
             W = bank.check(W).to(device, pipe.unet.dtype)
+            edited = None if edited is None else bank.check(edited).to(device, pipe.unet.dtype)
         for i in tqdm(range(0, len(jobs), batch), desc="generate", disable=not progress):
             chunk = jobs[i:i + batch]
+            idx = [g for g, _ in chunk]
             kwargs = dict(prompt=[prompt] * len(chunk), height=size, width=size, num_inference_steps=steps,
                           guidance_scale=guidance, output_type="np",
                           generator=[image_generator(seed, j, device) for _, j in chunk])  # image j alike in every row
-            with contextlib.nullcontext() if bank is None else bank.use(W[[g for g, _ in chunk]]):
+            with contextlib.nullcontext() if bank is None else bank.use(W[idx]), \
+                    contextlib.nullcontext() if edited is None else _switch_at(pipe.unet, bank, edited[idx], switch_t):
                 imgs = pipe(**kwargs).images
             out.append((imgs * 255).round().astype(np.uint8))
     return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def _switch_at(unet, bank: BatchedLora, edited: torch.Tensor, switch_t: int):
+    """Within the block, the first UNet call at a timestep ``t <= switch_t`` puts ``edited`` on top of ``bank``.
+
+    A forward pre-hook on the UNet, not a step-end callback: it sees the timestep each denoising step is run
+    at, the first step included, whatever the scheduler. Timesteps only decrease, so one switch suffices;
+    leaving the block takes the edited rows off again.
+    """
+    with contextlib.ExitStack() as stack:
+        switched = []                                      # set once the edited rows are on the bank
+
+        def hook(module, args, kwargs):
+            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            if not switched and float(torch.as_tensor(t).reshape(-1)[0]) <= switch_t:
+                stack.enter_context(bank.use(edited))
+                switched.append(True)
+
+        stack.callback(unet.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        yield

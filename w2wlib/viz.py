@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import W2WError
 
-__all__ = ["to_uint8", "to_tensor", "image_grid", "show_images", "png_bytes", "image_slider"]
+__all__ = ["to_uint8", "to_tensor", "image_grid", "show_images", "png_bytes", "image_slider", "markdown_table"]
 
 
 def to_uint8(images) -> np.ndarray:
@@ -121,3 +121,22 @@ def image_slider(frames: Sequence[np.ndarray], *, description: str = "frame", la
         widgets.jslink((slider, "value"), (caption, "selected_index"))
         return widgets.VBox([widgets.HBox([slider, caption]), stack])
     return widgets.VBox([slider, stack])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], *, digits: int = 3) -> str:
+    """A Markdown table (MyST renders it in the book): floats to ``digits`` places, the rest as ``str``.
+
+    Example:
+        >>> print(markdown_table(["space", "MSE"], [["PCA", 0.77241]]))
+        | space | MSE |
+        |---|---|
+        | PCA | 0.772 |
+    """
+    if any(len(r) != len(headers) for r in rows):
+        raise W2WError(f"every row needs {len(headers)} cells, one per header; got lengths {sorted({len(r) for r in rows})}")
+
+    def cell(v) -> str:
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])

@@ -6,9 +6,16 @@ resumable, :class:`~w2wlib.stages.Stages`; bookkeeping in ``<out>/_work/``):
 
 1. ``pca``: :meth:`PCASpace.fit` on the training rows, ``pca_k`` components (sweeps truncate it) -> ``pca/``;
 2. ``vae``: :func:`~w2wlib.train.train_vae` (checkpointed in ``_work/vae_run``, so a killed build
-   resumes) -> ``vae/`` and its training history ``vae_history.json``.
+   resumes) -> ``vae/`` and its training history ``vae_history.json`` (without wall times, so that two
+   builds give the same bytes);
+3. ``amortised``: one :class:`~w2wlib.invert.amortised.AmortisedInverter` per space, trained to map
+   views of a training identity (the mini world's renders of its training views) to the space's
+   whitened code of its LoRA (the first ``latent`` dimensions) -> ``amortised/pca``, ``amortised/vae``.
+   A dataset without mini-world identity seeds (the public w2w files) has no renders: the stage says so
+   and ships nothing.
 
-``manifest.json`` records every file's sha256, the command, the configs, the split and stage times.
+``manifest.json`` records every file's sha256, the command, the configs, the split and stage times
+(``build_seconds``: the only timings of a build).
 
 Example:
     >>> SpacesConfig.preset("micro").latent
@@ -32,7 +39,8 @@ from ..stages import Stages, portable_path, write_manifest
 
 __all__ = ["SpacesConfig", "build_spaces", "STAGES"]
 
-STAGES = ("pca", "vae")
+STAGES = ("pca", "vae", "amortised")
+_TIMING = ("elapsed_s",)  # history columns that measure time, left out of vae_history.json
 
 
 @dataclass
@@ -44,6 +52,8 @@ class SpacesConfig:
     pca_k: int = 512             # components kept in the shipped PCA; smaller k truncate it
     vae: dict[str, Any] = field(default_factory=dict)    # VAEConfig fields over VAEConfig.scaled(D, latent=latent)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over its defaults
+    amortised: dict[str, Any] = field(default_factory=dict)  # AmortisedConfig fields over its defaults
+    amortised_views: int = 6     # training views rendered per identity for the amortised inverters
     seed: int = 0                # VAE init, the split and the training stream
 
     @classmethod
@@ -53,7 +63,9 @@ class SpacesConfig:
         if name == "micro":
             return cls(name="micro", latent=4, pca_k=6, train={"steps": 20, "batch_size": 4, "warmup": 2,
                                                                "beta_warmup": 5, "beta_ramp": 5, "val_every": 10,
-                                                               "log_every": 5, "val_fraction": 0.25})
+                                                               "log_every": 5, "val_fraction": 0.25},
+                       amortised={"steps": 6, "batch": 8, "channels": [8, 8, 8, 8], "val_every": 3,
+                                  "checkpoint_every": 3}, amortised_views=2)
         raise W2WError(f"unknown spaces config {name!r}; choose mini or micro")
 
     @classmethod
@@ -68,6 +80,11 @@ class SpacesConfig:
         from ..train import TrainConfig
 
         return TrainConfig(**{"seed": self.seed, **self.train})
+
+    def amortised_config(self, space: str):
+        from ..invert.amortised import AmortisedConfig
+
+        return AmortisedConfig(**{"seed": self.seed, "k": self.latent, **self.amortised, "space": space})
 
     def vae_config(self, dim: int, layout=None):
         """The VAE's architecture for rows of length ``dim``; ``arch: tokens`` also needs the rows' LoRA layout."""
@@ -98,13 +115,18 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
 
     def depends(stage: str) -> dict:
         d = {"dataset": ds.dataset_id or str(ds.folder.resolve()), "val_rows": val_rows.tolist()}
-        if stage == "pca":
-            return {**d, "pca_k": cfg.pca_k, "seed": cfg.seed}
-        return {**d, "vae": cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), "train": dataclasses.asdict(tcfg)}
+        pca = {**d, "pca_k": cfg.pca_k, "seed": cfg.seed}
+        vae = {**d, "vae": cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), "train": dataclasses.asdict(tcfg)}
+        if stage == "amortised":
+            return {"pca": pca, "vae": vae, "views": cfg.amortised_views,
+                    "amortised": [cfg.amortised_config(s).to_dict() for s in ("pca", "vae")]}
+        return pca if stage == "pca" else vae
 
     st = Stages(out, depends)
 
     def run(stage: str) -> dict:
+        if stage == "amortised":
+            return _amortised(out, st.work, cfg, ds, train_rows, val_rows, device, progress)
         if stage == "pca":
             space = PCASpace.fit(ds, cfg.pca_k, rows=train_rows, seed=cfg.seed, device=device, progress=progress)
             space.save(out / "pca", overwrite=True)
@@ -115,7 +137,9 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
         if (out / "vae").exists():
             shutil.rmtree(out / "vae")
         shutil.copytree(run_dir / "space", out / "vae")
-        (out / "vae_history.json").write_text(json.dumps(history, indent=0))
+        # per-step wall times would make the file differ on every build: timings live in the manifest only
+        untimed = [{k: v for k, v in row.items() if k not in _TIMING} for row in history]
+        (out / "vae_history.json").write_text(json.dumps(untimed, indent=0))
         last = next(h for h in reversed(history) if "val_recon" in h)
         return {"val_recon": last["val_recon"], "val_active_units": last["val_active_units"]}
 
@@ -129,3 +153,39 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
         dataset=portable_path(dataset), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
         build_seconds={k: round(v, 1) for k, v in seconds.items()},
         results={s: {k: v for k, v in (m or {}).items() if k not in ("key", "seconds")} for s, m in markers.items()})
+
+
+def _amortised(out: Path, work: Path, cfg: SpacesConfig, ds, train_rows, val_rows, device, progress) -> dict:
+    """Train and save one amortised inverter per space; returns their final validation errors."""
+    from ..invert.amortised import AmortisedInverter, train_amortised
+    from ..invert.core import prior_scale
+    from .base import load_space
+
+    seeds = ds.identity_seeds
+    if not seeds:
+        import logging
+
+        logging.getLogger(__name__).warning("amortised: %s has no mini-world identity seeds to render; skipped",
+                                            ds.folder)
+        return {"skipped": "no identity seeds to render"}
+    from ..world.render import identity_views
+
+    v = cfg.amortised_views
+    images = identity_views(seeds, v)                                        # [N * V, H, W, 3], row-major
+    images = images.reshape(len(seeds), v, *images.shape[1:])                # [N, V, H, W, 3]
+    out_dir, result = out / "amortised", {}
+    w = ds.rows(slice(0, len(ds)))
+    for name in ("pca", "vae"):
+        space = load_space(out / name).to(device)
+        acfg = cfg.amortised_config(name)
+        mean, std = prior_scale(space, acfg.k)
+        with torch.no_grad():
+            u = ((space.encode_weights(w)[:, :acfg.k] - mean.to(space.device)) / std.to(space.device)).cpu()
+        run_dir = work / f"amortised_{name}"
+        history = train_amortised(AmortisedInverter(acfg), images, u, train_rows, val_rows, out_dir=run_dir,
+                                  device=device, progress=progress)
+        if (out_dir / name).exists():
+            shutil.rmtree(out_dir / name)
+        AmortisedInverter.load(run_dir).save(out_dir / name)
+        result[name] = {"val_mse": history[-1]["val_mse"], "val_mse_of_zero": history[-1]["val_mse_of_zero"]}
+    return result

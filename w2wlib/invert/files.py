@@ -1,0 +1,54 @@
+"""``w2w invert``: image files in, one model folder per image out (diffusers file, peft folder, latent, preview)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import W2WError
+
+__all__ = ["invert_files"]
+
+
+def _names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Folder names from file stems; a repeated stem gets its position appended."""
+    stems = [Path(p).stem or f"image{i}" for i, p in enumerate(paths)]
+    return [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+
+
+def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, pipe, spaces, space: str = "vae",
+                 cfg=None, n_preview: int = 4, seed: int = 0, overwrite: bool = False, progress: bool = True) -> list[Path]:
+    """Invert each image file into ``spaces.space(space)`` (all in one batch) and export one folder each.
+
+    Images are read with :func:`w2wlib.images.load_images` (grayscale and RGBA converted, square
+    images resized, the rest refused with the fix). Each folder holds what :func:`w2wlib.export.export_lora`
+    writes; the preview is the input, then the inverted model's images over ``n_preview`` seeds.
+    """
+    from ..export import export_lora
+    from ..generate import generate
+    from ..images import load_images
+    from ..viz import image_grid, to_tensor
+    from . import InversionConfig, invert
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise W2WError(f"--out {out} is a file: give a folder (it is created if missing)")
+    names = _names(paths)
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not overwrite:
+        raise W2WError(f"{out / clash[0]} exists: choose another --out, or pass --overwrite")
+    cfg = cfg or InversionConfig()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    arr = load_images(list(paths), size)                                                  # [G, H, W, 3]
+    layout = spaces.dataset.lora_layout(pipe.unet)
+    res = invert(pipe, spaces.space(space), to_tensor(arr), cfg=cfg, layout=layout, progress=progress)
+    imgs = generate(pipe, res.W, n_per_row=n_preview, seed=seed, layout=layout, progress=progress)
+    written = []
+    for i, (path, name) in enumerate(zip(paths, names)):
+        strip = image_grid([arr[i], *imgs[i * n_preview:(i + 1) * n_preview]], nrow=n_preview + 1)
+        info = {"input": str(path), "space": space, "inversion": res.config, "seconds": res.seconds / len(names),
+                "final_loss": res.history[-1]["loss"][i] if res.history else None, "preview_seed": seed}
+        written.append(export_lora(out / name, res.W[i], layout, z=res.z[i], space=space, preview=strip, info=info,
+                                   overwrite=overwrite))
+    return written
