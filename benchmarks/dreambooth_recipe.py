@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="instance images per identity")
     ap.add_argument("--class-images", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=6, help="noise seeds per LoRA in the score")
+    ap.add_argument("--guidance", type=float, default=7.5, help="CFG of the scored images (SD 1.5's default 7.5)")
     ap.add_argument("--save", help="write each setting's W to this folder (W_<setting>.pt)")
     args = ap.parse_args()
 
@@ -48,11 +49,11 @@ def main() -> None:
     k, m = args.images, args.seeds
     images = to_tensor(identity_views(seeds, k)).view(len(seeds), k, 3, 64, 64)
     refs = identity_views(seeds, m, EVAL_VIEWS)
-    gen = dict(n_per_row=m, seed=0, steps=25, guidance=4.0, prompt="a photo of sks person")
+    gen = dict(n_per_row=m, seed=0, steps=25, guidance=args.guidance, prompt="a photo of sks person")
     base_imgs = generate(pipe, None, **gen)
     base = identity_scores(enc, np.tile(base_imgs, (len(seeds), 1, 1, 1)), refs, m, m)
     cls = None
-    print(f"world {args.world}; {len(seeds)} identities x {k} renders; score over {m} noise seeds; "
+    print(f"world {args.world}; {len(seeds)} identities x {k} renders; score over {m} noise seeds at CFG {args.guidance}; "
           f"torch threads {torch.get_num_threads()}; base model ID {base.mean():.3f}")
     print("lr | steps | prior weight | schedule | s per identity | own ID | other's LoRA | own > base & other | "
           "consistency within | across | gap")
@@ -62,8 +63,8 @@ def main() -> None:
         lr, steps = parts[:2]
         prior, schedule = (parts[2:3] or ["0"])[0], (parts[3:4] or ["constant"])[0]
         if float(prior) and cls is None:
-            cls = D.generate_class_images(pipe, args.class_images, seed=0, num_inference_steps=25, guidance_scale=4.0,
-                                          progress=False)
+            cls = D.generate_class_images(pipe, args.class_images, seed=0, num_inference_steps=25,
+                                          guidance_scale=args.guidance, progress=False)
         cfg = D.DreamBoothConfig(lr=float(lr), steps=int(steps), prior_loss_weight=float(prior), lr_schedule=schedule,
                                  images_per_identity=k, class_images=args.class_images)
         t0 = time.perf_counter()
