@@ -12,6 +12,7 @@ from w2wlib import ArtifactMissingError, W2WError
 from w2wlib.metrics import frechet_distance
 from w2wlib.stages import sha256, verify_manifest
 from w2wlib.world import build as B
+from w2wlib.world import check
 from w2wlib.world import pipeline as P
 from w2wlib.world.render import ATTRIBUTES, attributes, render_ids, sample_identities
 from w2wlib.world.text import VOCABULARY, attribute_prompt, check_prompt
@@ -86,6 +87,42 @@ def test_micro_world_manifest_and_gates(micro_world):
     ver = verification(enc, n_identities=B.WorldConfig.preset("micro").check_identities, n_views=4, seed=0)
     assert q["identity_encoder"]["verification_auc"] == ver["auc"] > 0.9 and q["samples"]["n"] == 8
     assert q["autoencoder"]["reconstruction_id_score"] > q["autoencoder"]["other_identity_id_score"]
+    # the new gates are there and are what they say: shares, a mean and a minimum of them, a ratio
+    adh = q["prompt_adherence"]
+    assert set(adh["share"]) == set(check.ADHERENCE_PROMPTS) and all(0 <= v <= 1 for v in adh["share"].values())
+    assert adh["mean"] == pytest.approx(np.mean(list(adh["share"].values()))) and adh["min"] == min(adh["share"].values())
+    assert q["samples"]["sharpness_ratio"] == pytest.approx(q["samples"]["sharpness"] / q["samples"]["sharpness_of_reconstructions"])
+    assert q["samples"]["guidance"] == B.WorldConfig.preset("micro").guidance
+
+
+def test_sharpness_is_the_variance_of_the_laplacian():
+    flat = np.full((2, 8, 8, 3), 128, np.uint8)
+    assert check.sharpness(flat) == 0.0
+    dots = flat.copy()
+    dots[:, 4, 4] = 255                                   # one bright pixel: Laplacian -4a at it, a at 4 neighbours
+    a = 127 / 255
+    lap = np.zeros((6, 6)); lap[3, 3] = -4 * a; lap[2, 3] = lap[4, 3] = lap[3, 2] = lap[3, 4] = a
+    assert check.sharpness(dots) == pytest.approx(float(lap.var(ddof=1)), rel=1e-5)
+
+
+def test_the_staged_world_verifies_and_keeps_the_gates_it_reached():
+    """data/next/world (the rebuild of issue 12, staged until its dataset is built): intact, and its recorded
+    gates are the ones measured when it was built (benchmarks/world_text.md). Not the issue's targets:
+    those are not all met (bald 0.47 against 0.75, sharpness 0.76 against 0.8)."""
+    from w2wlib import project_root
+
+    world = project_root() / "data" / "next" / "world"
+    assert verify_manifest(world) == []
+    q = json.loads((world / "quality.json").read_text())
+    share = q["prompt_adherence"]["share"]
+    assert q["prompt_adherence"]["mean"] >= 0.88 and sorted(share.values())[1] >= 0.85   # five phrases of six
+    assert q["samples"]["sharpness_ratio"] >= 0.75 and q["identity_encoder"]["verification_auc"] >= 0.999
+    from transformers import CLIPTokenizer        # its tokenizer has one token per word of the full descriptions
+
+    shipped = CLIPTokenizer.from_pretrained(world / "pipeline" / "tokenizer")
+    ids = shipped("a photo of a middle aged man with olive skin and a goatee beard and thin gold glasses").input_ids
+    assert all(len(shipped(w, add_special_tokens=False).input_ids) == 1 for w in ("olive", "goatee", "gold", "aged"))
+    assert len(ids) < 77
 
 
 def test_build_is_cached_and_tampering_is_detected(micro_world, tmp_path):
