@@ -392,3 +392,15 @@ def test_two_spaces_builds_give_identical_files(tmp_path, W, layout):
     assert {k: a[k] for k in shipped} == {k: b[k] for k in shipped}
     history = json.loads((tmp_path / "a" / "vae_history.json").read_text())
     assert history and not any("elapsed_s" in row for row in history)
+
+
+def test_two_saves_of_one_dataset_give_identical_files_and_other_data_another_id(tmp_path, W, layout):
+    for out in ("a", "b"):
+        save_weights(tmp_path / out, W, layout, identity_seeds=range(len(W)), extra={"steps": 3})
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    save_weights(tmp_path / "c", W * 2, layout, identity_seeds=range(len(W)), extra={"steps": 3})
+    assert open_weights(tmp_path / "c").dataset_id != open_weights(tmp_path / "a").dataset_id
+    # a file from another save is still caught on open
+    (tmp_path / "a" / "mean.safetensors").write_bytes((tmp_path / "c" / "mean.safetensors").read_bytes())
+    with pytest.raises(W2WError, match="come from different saves"):
+        open_weights(tmp_path / "a")

@@ -32,7 +32,8 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest", "write_text_atomic"]
+__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest", "write_text_atomic",
+           "content_id", "sort_safetensors_header"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +153,33 @@ def verify_manifest(out: Path) -> list[str]:
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     return [name for name, info in manifest["files"].items()
             if not (Path(out) / name).is_file() or sha256(Path(out) / name) != info["sha256"]]
+
+
+def content_id(config_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (first 32 hex digits) of a text and every tensor's name, dtype, shape and bytes (in row blocks):
+    an artifact's id derived from what it holds, so that two saves of the same content are byte-identical."""
+    h = hashlib.sha256(config_text.encode())
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        for blk in (t.reshape(1, -1) if t.dim() < 2 else t).split(4096):      # bounded memory for large tensors
+            h.update(blk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys: safetensors writes ``__metadata__`` in hash-map order,
+    which changes from one process to the next. Same data offsets, so the tensor bytes are untouched."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        new = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+        if len(new) <= n:  # the usual case: same keys, same length, padded with spaces as safetensors pads
+            f.seek(8)
+            f.write(new + b" " * (n - len(new)))
+            return
+        f.seek(8 + n)
+        data = f.read()
+    new += b" " * (-len(new) % 8)
+    with open(path, "wb") as f:
+        f.write(len(new).to_bytes(8, "little") + new + data)

@@ -15,8 +15,9 @@ One class, :class:`WeightsDataset`, reads two on-disk layouts; :func:`open_weigh
 - ``identities.json``: ``{"format", "version", "dataset_id", "n", "dim", "dtype", "identity_seeds",
   "extra"}``; ``extra`` holds held-out seeds and training hyperparameters.
 
-Every file carries the same random ``dataset_id`` (in the safetensors metadata and in
-``identities.json``), so files from two different saves are caught on open.
+Every file carries the same ``dataset_id`` (in the safetensors metadata and in ``identities.json``),
+a hash of what was saved, so files from two different saves are caught on open, and two saves of the
+same data are byte-identical.
 
 **Public w2w** (``Snapchat/weights2weights``, fetched by :func:`download_w2w`), either as on the hub
 (``files/*.pt`` and ``weights_datasets/identities/all_weights.pt``) or all in one flat folder:

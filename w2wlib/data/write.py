@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LayoutError, W2WError
 from ..lora import LoraLayout
+from ..stages import content_id, sort_safetensors_header
 from .dataset import WeightsDataset
 from .formats import (_ST_CODES, OURS_FILES, W2W_FILES, _attributes_csv_text, _bad_rows, _hub_path,
                       _layout_weight_dimensions, _to_binary, logger)
@@ -117,7 +118,12 @@ def save_weights(folder: str | os.PathLike, weights: torch.Tensor, layout: LoraL
     if seeds is not None and (len(seeds) != n or len(set(seeds)) != n):
         raise W2WError(f"identity_seeds must be {n:,} distinct ints, one per row; got {len(seeds):,} "
                        f"({len(set(seeds)):,} distinct).")
-    dataset_id = uuid.uuid4().hex
+    try:  # an id derived from what is saved: the same data saves to the same bytes
+        described = json.dumps({"layout": layout.to_dict(), "seeds": seeds, "extra": dict(extra or {}),
+                                "attributes": {k: [int(x) for x in v] for k, v in attrs.items()}}, sort_keys=True)
+    except TypeError as err:
+        raise W2WError(f"extra must be JSON-serialisable ({err}).") from err
+    dataset_id = content_id(described, {"weights": weights.to(dtype)})
     try:
         info = json.dumps({"format": "w2wlib-weights-dataset", "version": 1, "dataset_id": dataset_id,
                            "n": n, "dim": d, "dtype": str(dtype).replace("torch.", ""),
@@ -139,7 +145,9 @@ def save_weights(folder: str | os.PathLike, weights: torch.Tensor, layout: LoraL
             raise W2WError(f"{const.numel():,} column(s) are constant over all {n:,} rows (first "
                            f"{const[:5].tolist()}), so std would be 0; nothing was written.")
         for key, t in (("mean", mean), ("std", std)):
-            save_file({key: t.float().contiguous()}, str(out.path(OURS_FILES[key])), metadata=meta)
+            path = out.path(OURS_FILES[key])
+            save_file({key: t.float().contiguous()}, str(path), metadata=meta)
+            sort_safetensors_header(path)   # safetensors writes metadata in hash-map order: same bytes every save
         out.text(OURS_FILES["layout"], json.dumps(layout.to_dict(), indent=1))
         out.text(OURS_FILES["weight_dimensions"], json.dumps(
             [[k, list(s)] for k, s in _layout_weight_dimensions(layout)], indent=0))

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ import torch
 
 from .._version import __version__
 from ..errors import ArtifactMissingError, W2WError
+from ..stages import content_id, sort_safetensors_header
 
 __all__ = ["WeightSpace", "load_space", "active_units", "CONFIG_FILE", "TENSORS_FILE"]
 
@@ -212,7 +212,7 @@ class WeightSpace(abc.ABC):
         doc = {"format": _FORMAT, "kind": self.kind, "w2wlib_version": __version__, "space_id": "",
                "config": config}
         text = json.dumps(doc, indent=1)  # fails here, before anything is written, if not JSON-able
-        doc["space_id"] = space_id = _content_id(text, tensors)  # same content, same id: reproducible files
+        doc["space_id"] = space_id = content_id(text, tensors)  # same content, same id: reproducible files
         text = json.dumps(doc, indent=1)
         folder.parent.mkdir(parents=True, exist_ok=True)
         unique = uuid.uuid4().hex[:8]  # temporaries only: two saves at once never share them
@@ -221,7 +221,7 @@ class WeightSpace(abc.ABC):
         try:
             tmp.mkdir()
             save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt", "space_id": space_id, "kind": self.kind})
-            _sort_safetensors_header(tmp / TENSORS_FILE)
+            sort_safetensors_header(tmp / TENSORS_FILE)
             (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
             if folder.exists():
                 os.replace(folder, old)
@@ -304,34 +304,6 @@ def _check_sample_args(n: int, scale: float) -> None:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise W2WError(f"scale must be a finite number > 0 (1.0 samples the prior as fitted, < 1 stays closer to "
                        f"its centre), not {scale!r}.")
-
-
-def _content_id(config_text: str, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 (first 32 hex digits) of the config text and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(config_text.encode())
-    for k in sorted(tensors):
-        t = tensors[k]
-        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:32]
-
-
-def _sort_safetensors_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys: safetensors writes ``__metadata__`` in hash-map order,
-    which changes from one process to the next. Same data offsets, so the tensor bytes are untouched."""
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        new = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
-        if len(new) <= n:  # the usual case: same keys, same length, padded with spaces as safetensors pads
-            f.seek(8)
-            f.write(new + b" " * (n - len(new)))
-            return
-        f.seek(8 + n)
-        data = f.read()
-    new += b" " * (-len(new) % 8)
-    with open(path, "wb") as f:
-        f.write(len(new).to_bytes(8, "little") + new + data)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
