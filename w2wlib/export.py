@@ -27,7 +27,7 @@ import torch
 from .errors import W2WError
 from .lora import LoraLayout
 
-__all__ = ["export_lora", "FORMATS"]
+__all__ = ["export_lora", "preview_strips", "FORMATS"]
 
 FORMATS = ("diffusers", "peft")
 
@@ -76,3 +76,17 @@ def export_lora(folder: str | os.PathLike, w: torch.Tensor, layout: LoraLayout, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def preview_strips(pipe, W: torch.Tensor, layout: LoraLayout, *, prompt: str, n_preview: int, seed: int = 0,
+                   lead: np.ndarray | None = None, progress: bool = False) -> list[np.ndarray]:
+    """One preview strip per row of ``W``: its images over ``n_preview`` noise seeds, after ``lead[g]`` if given
+    (e.g. the input image of an inversion)."""
+    from .generate import generate
+    from .viz import image_grid
+
+    imgs = generate(pipe, W, n_per_row=n_preview, seed=seed, layout=layout, prompt=prompt, progress=progress)
+    rows = [list(imgs[g * n_preview:(g + 1) * n_preview]) for g in range(len(W))]
+    if lead is not None:
+        rows = [[lead[g], *row] for g, row in enumerate(rows)]
+    return [image_grid(row, nrow=len(row)) for row in rows]

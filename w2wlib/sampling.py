@@ -156,12 +156,10 @@ def read_latent(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
 
 def _previews(pipe, W: torch.Tensor, layout, prompt: str, n_preview: int, seed: int, progress: bool) -> list:
     """One strip ``[H, n_preview * W, 3]`` per row of ``W``: its images over ``n_preview`` noise seeds."""
-    from .generate import generate
-    from .viz import image_grid
+    from .export import preview_strips
 
     check_count(n_preview, "--preview", "a number of images")
-    imgs = generate(pipe, W, n_per_row=n_preview, seed=seed, layout=layout, prompt=prompt, progress=progress)
-    return [image_grid(imgs[i * n_preview:(i + 1) * n_preview], nrow=n_preview) for i in range(len(W))]
+    return preview_strips(pipe, W, layout, prompt=prompt, n_preview=n_preview, seed=seed, progress=progress)
 
 
 def sample_to_folders(out: str | os.PathLike, *, pipe, spaces, space: str, n: int, seed: int = 0,

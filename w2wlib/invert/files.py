@@ -25,10 +25,9 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     images resized, the rest refused with the fix). Each folder holds what :func:`w2wlib.export.export_lora`
     writes; the preview is the input, then the inverted model's images over ``n_preview`` seeds.
     """
-    from ..export import export_lora
-    from ..generate import generate
+    from ..export import export_lora, preview_strips
     from ..images import load_images
-    from ..viz import image_grid, to_tensor
+    from ..viz import to_tensor
     from . import InversionConfig, invert
 
     out = Path(out)
@@ -43,10 +42,10 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     arr = load_images(list(paths), size)                                                  # [G, H, W, 3]
     layout = spaces.dataset.lora_layout(pipe.unet)
     res = invert(pipe, spaces.space(space), to_tensor(arr), cfg=cfg, layout=layout, progress=progress)
-    imgs = generate(pipe, res.W, n_per_row=n_preview, seed=seed, layout=layout, progress=progress)
+    strips = preview_strips(pipe, res.W, layout, prompt=cfg.prompt, n_preview=n_preview, seed=seed, lead=arr,
+                            progress=progress)
     written = []
-    for i, (path, name) in enumerate(zip(paths, names)):
-        strip = image_grid([arr[i], *imgs[i * n_preview:(i + 1) * n_preview]], nrow=n_preview + 1)
+    for i, (path, name, strip) in enumerate(zip(paths, names, strips)):
         info = {"input": str(path), "space": space, "inversion": res.config, "seconds": res.seconds / len(names),
                 "final_loss": res.history[-1]["loss"][i] if res.history else None, "preview_seed": seed}
         written.append(export_lora(out / name, res.W[i], layout, z=res.z[i], space=space, preview=strip, info=info,
