@@ -50,6 +50,8 @@ def test_errors_name_the_missing_world_and_unknown_configs(tmp_path):
         build_dataset(tmp_path / "ds", DatasetConfig.preset("micro"), tmp_path / "no_world", device=torch.device("cpu"))
     with pytest.raises(W2WError, match="unknown dataset config"):
         DatasetConfig.preset("huge")
+    with pytest.raises(W2WError, match="storage must be float32 or float16, not 'int8'"):
+        DatasetConfig(storage="int8")
 
 
 def test_a_live_fine_tune_gives_back_the_dataset_rows(micro_dataset, micro_world):

@@ -191,6 +191,25 @@ def test_shards_resume_merge_and_detect_gaps(world, tmp_path, monkeypatch):
         D.merge_shards(tmp_path / "empty")
 
 
+def test_float16_shards_resume_from_float32_ones_and_merge_to_the_rounded_rows(world, tmp_path):
+    """A build whose storage is float16 resumes shards written as float32 (and back): the merge is the
+    float32 training result rounded once to float16, whichever dtype each shard was written in."""
+    from safetensors import safe_open
+
+    cfg, seeds = config(lr=1e-3, steps=2), [5, 6, 7]
+    D.train_shards(seeds, tmp_path / "f32", **_shard_args(world, cfg))
+    W32, _ = D.merge_shards(tmp_path / "f32")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / D.shard_name(0, 1)).write_bytes((tmp_path / "f32" / D.shard_name(0, 1)).read_bytes())
+    paths = D.train_shards(seeds, mixed, **_shard_args(world, cfg), dtype=torch.float16)
+    with safe_open(str(paths[0]), "pt") as a, safe_open(str(paths[1]), "pt") as b:
+        assert a.get_tensor("W").dtype == torch.float32 and b.get_tensor("W").dtype == torch.float16
+    W, got = D.merge_shards(mixed)
+    assert got.tolist() == seeds and W.dtype == torch.float32
+    assert torch.equal(W.half(), W32.half()) and torch.equal(W[2], W32[2].half().float())
+
+
 def _two_process_worker(world, folder, seeds, cfg):
     from accelerate import PartialState
 

@@ -24,9 +24,13 @@ from w2wlib.world.render import ATTRIBUTES, render_ids
 @pytest.fixture(scope="module")
 def trained():
     """The micro encoder, its history and its verification on 200 held-out identities x 4 views."""
-    torch.set_num_threads(1)
-    enc, hist = train_encoder(EncoderConfig.micro(), progress=False)
-    return enc, hist, verification(enc, n_identities=200, n_views=4, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # restored below: other tests' builds compare bytes at the default thread count
+    try:
+        enc, hist = train_encoder(EncoderConfig.micro(), progress=False)
+        return enc, hist, verification(enc, n_identities=200, n_views=4, seed=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny(**kw) -> EncoderConfig:

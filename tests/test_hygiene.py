@@ -89,3 +89,38 @@ def test_every_raises_checks_its_message_and_no_dependency_is_skipped():
     for path in sorted((ROOT / "tests").glob("*.py")):
         found += violations(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)), deps)
     assert not found, "\n".join(found)
+
+
+def _assigned_names(source: str) -> list[str]:
+    """Names assigned at the top level of a cell, in order (what a parameters cell declares)."""
+    return [t.id for node in ast.parse(source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+
+
+def test_papermill_sees_every_parameter_each_notebook_declares():
+    """papermill parses a parameters cell line by line: a comment holding '=' or a value spread over lines
+    hides a parameter from ``papermill --help-notebook`` and from its ``-p`` type inference."""
+    import nbformat
+    import papermill
+
+    for nb_path in sorted((ROOT / "book").glob("*.ipynb")):
+        cells = [c for c in nbformat.read(nb_path, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, f"{nb_path.name} needs exactly one cell tagged 'parameters', has {len(cells)}"
+        declared = _assigned_names(cells[0].source)
+        assert declared and declared[0] == "profile", f"{nb_path.name}: the first parameter must be profile"
+        seen = list(papermill.inspect_notebook(str(nb_path)))
+        assert seen == declared, f"{nb_path.name}: papermill sees {seen}, the cell declares {declared}"
+
+
+def test_the_parameter_check_catches_a_comment_with_an_equals_sign(tmp_path):
+    import nbformat
+    import papermill
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("profile = 'mini'\nsteps = 3   # x = 2 is too few\nlr = 0.1",
+                                          metadata={"tags": ["parameters"]})]
+    path = tmp_path / "t.ipynb"
+    nbformat.write(nb, path)
+    seen = list(papermill.inspect_notebook(str(path)))
+    assert _assigned_names(nb.cells[0].source) == ["profile", "steps", "lr"] and seen != ["profile", "steps", "lr"]

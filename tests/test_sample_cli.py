@@ -19,7 +19,7 @@ from w2wlib.diversity import attribute_frequencies, model_distance, path_steps
 from w2wlib.generate import generate
 from w2wlib.lora_io import load_diffusers_lora, load_peft_adapter
 from w2wlib.sampling import (export_to_folder, interpolation_path, interpolation_widget, nearest_rows, path_weights,
-                             read_latent, sample_models, sample_to_folders, slerp)
+                             read_latent, fit_gaussian, sample_models, sample_to_folders, slerp)
 from w2wlib.world.render import ATTRIBUTES
 
 
@@ -94,6 +94,28 @@ def test_sampling_is_seeded_and_no_sample_copies_a_training_row(S):
     own, idx = nearest_rows(S, S.dataset.rows(rows[[3, 200]]), rows=rows, batch_size=128)
     assert torch.equal(idx, rows[[3, 200]]) and torch.allclose(own, torch.ones(2), atol=1e-5)   # a copy scores 1
     assert float(cos.max()) < 0.9
+
+
+def test_fit_gaussian_matches_numpy_and_the_fitted_sampler_reproduces_it(S):
+    z = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) @ torch.tensor(
+        [[2., 0, 0, 0], [1, 1, 0, 0], [0, 0, .5, 0], [0, 0, 0, 3]]) + 1.5
+    mu, L = fit_gaussian(z)
+    np.testing.assert_allclose(mu.numpy(), z.double().numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose((L @ L.T).numpy(), np.cov(z.double().numpy().T), rtol=1e-10)
+    few = fit_gaussian(z[:3])[1]                                        # N <= k: regularised, still a factor
+    assert torch.isfinite(few).all() and (few.diagonal() > 0).all()
+    with pytest.raises(W2WError, match=r"needs finite latents \[N >= 2, k\]"):
+        fit_gaussian(z[:1])
+    rows = S.dataset.rows(S.train_rows[:200])
+    zf, Wf = sample_models(S.vae, 4000, seed=1, fit_rows=rows)
+    mu_z, L_z = fit_gaussian(S.vae.encode_weights(rows).detach().cpu())
+    torch.testing.assert_close(zf.double().mean(0), mu_z, atol=0.1 * float(L_z.diagonal().max()), rtol=0)
+    torch.testing.assert_close(torch.cov(zf.double().T), L_z @ L_z.T, atol=0.15 * float((L_z @ L_z.T).diagonal().max()),
+                               rtol=0)
+    torch.testing.assert_close(Wf[:3], S.vae.decode_weights(zf[:3].to(S.vae.device)).cpu())
+    assert torch.equal(sample_models(S.vae, 3, seed=1, fit_rows=rows)[0], zf[:3])     # seeded, prefix-stable
+    with pytest.raises(W2WError, match="scale must be a finite number >= 0"):
+        sample_models(S.vae, 3, scale=float("nan"), fit_rows=rows)
 
 
 class _FakeEncoder:

@@ -61,20 +61,30 @@ class DatasetConfig:
     oracle_identities: int = 256 # training identities scored by the oracle
     oracle_images: int = 6       # noise seeds (and evaluation renders) per scored identity
     seed: int = 0                # identity draws, class images, DreamBooth streams, oracle noise
+    storage: str = "float32"     # dtype of the shards and all_weights; float16 halves data/ and changes no
+                                 # image (benchmarks/float16_storage.txt: max 1/255 per pixel, ID cosine 1.0000)
 
     @classmethod
     def preset(cls, name: str) -> "DatasetConfig":
         if name == "mini":
             # benchmarks/dreambooth_recipe.md, on the rebuilt world (data/next/world): 300 steps at 2e-3 without
             # prior preservation pin a person (own ID 0.55, consistency gap 0.42 at CFG 7.5); 600 steps add
-            # nothing; 3.9 s per identity at G = 16, about 4 h for 4,352 identities on 2 cores.
+            # nothing. Shards of 128: 10.2 ms per identity-step against 11.6 at 64 (2 cores), about 3.7 h in all.
             # (data/dataset, built on the old world, records its own recipe: 150 steps, prior weight 0.3.)
-            return cls(guidance=7.5, dreambooth={"lr": 2e-3, "steps": 300, "prior_loss_weight": 0.0})
+            return cls(guidance=7.5, chunk_size=128, storage="float16", dreambooth={"lr": 2e-3, "steps": 300, "prior_loss_weight": 0.0})
         if name == "micro":
             return cls(name="micro", n_train=8, n_held_out=4, chunk_size=4, sample_steps=3,
                        dreambooth={"steps": 3, "images_per_identity": 2, "class_images": 4},
                        oracle_identities=4, oracle_images=2)
         raise W2WError(f"unknown dataset config {name!r}; choose mini or micro")
+
+    def __post_init__(self) -> None:
+        if self.storage not in ("float32", "float16"):
+            raise W2WError(f"storage must be float32 or float16, not {self.storage!r}")
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return getattr(torch, self.storage)
 
     def dreambooth_config(self):
         from .dreambooth import DreamBoothConfig
@@ -152,7 +162,7 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
                             text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                             noise_scheduler=training_scheduler(pipe), class_images=cls, cfg=db, chunk_size=cfg.chunk_size,
                             instance_images=functools.partial(instance_images, k=db.images_per_identity),
-                            state=state, progress=progress)
+                            state=state, progress=progress, dtype=cfg.storage_dtype)
         elif stage == "dataset" and state.is_main_process:
             W, seeds = DB.merge_shards(st.work / "shards")
             if seeds.tolist() != train.tolist():
@@ -165,7 +175,7 @@ def build_dataset(out: Path, cfg: DatasetConfig, world: Path, *, device: torch.d
                                 "training_views": f"image seeds 0..{db.images_per_identity - 1}",
                                 "class_images": f"{db.class_images} base-model images, {cfg.sample_steps} DDIM steps, "
                                                 f"guidance {cfg.guidance}, seed {cfg.seed}"},
-                         overwrite=True)
+                         overwrite=True, dtype=cfg.storage_dtype)
         elif stage == "oracle" and state.is_main_process:
             extra["summary"] = _oracle(out, cfg, pipe, load_encoder(world / "identity_encoder", device=device),
                                        train, progress)

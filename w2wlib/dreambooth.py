@@ -349,14 +349,15 @@ def _shard_meta(path: Path) -> tuple[dict[str, str], torch.Tensor]:
 def train_shards(identity_seeds: Sequence[int], folder: str | os.PathLike, *, unet, vae, text_encoder, tokenizer,
                  noise_scheduler, instance_images: Callable[[list[int]], torch.Tensor] | Mapping,
                  class_images, cfg: DreamBoothConfig, chunk_size: int = 64, state=None,
-                 progress: bool = True) -> list[Path]:
+                 progress: bool = True, dtype: torch.dtype = torch.float32) -> list[Path]:
     """Train ``identity_seeds`` in chunks of ``chunk_size``, split across Accelerate processes; resumable.
 
     Chunks are cut from the whole list first (so file names do not depend on the number of processes),
     then shared out with ``state.split_between_processes``; ``state`` is an ``Accelerator`` or
     ``PartialState`` (default ``PartialState()``). Each finished chunk is written atomically (temp
     name, then rename) as ``shard_{first:06d}_{last:06d}.safetensors`` holding ``W`` and ``seeds``;
-    a chunk whose file exists is skipped after checking its seeds and config. ``instance_images(seeds)``
+    a chunk whose file exists is skipped after checking its seeds and config. ``W`` is stored as ``dtype``
+    (float16 halves a shard; a shard of either dtype resumes and merges). ``instance_images(seeds)``
     returns ``[len(seeds), K, 3, H, W]`` (or pass a mapping seed -> ``[K, 3, H, W]``). Returns this
     process's shard paths; ends with ``state.wait_for_everyone()``. Merge with :func:`merge_shards`.
 
@@ -400,7 +401,7 @@ def train_shards(identity_seeds: Sequence[int], folder: str | os.PathLike, *, un
         W = train_identities(unet, vae, text_encoder, tokenizer, noise_scheduler, imgs, cls, cfg,
                              identity_keys=chunk_seeds, device=state.device, progress=progress)
         tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        save_file({"W": W.contiguous(), "seeds": torch.tensor(chunk_seeds, dtype=torch.int64)}, str(tmp),
+        save_file({"W": W.to(dtype).contiguous(), "seeds": torch.tensor(chunk_seeds, dtype=torch.int64)}, str(tmp),
                   metadata={**meta, "first": str(pos[0]), "last": str(pos[-1])})
         os.replace(tmp, path)
         paths.append(path)
@@ -447,4 +448,4 @@ def merge_shards(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
     seeds_all = torch.cat(seeds)
     if len(torch.unique(seeds_all)) != len(seeds_all):
         raise W2WError(f"{folder} holds some identity seed more than once")
-    return torch.cat(Ws), seeds_all
+    return torch.cat([w.float() for w in Ws]), seeds_all

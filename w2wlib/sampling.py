@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ import torch
 
 from .errors import W2WError
 
-__all__ = ["sample_models", "slerp", "interpolation_path", "path_weights", "nearest_rows", "sample_to_folders",
+__all__ = ["sample_models", "fit_gaussian", "slerp", "interpolation_path", "path_weights", "nearest_rows", "sample_to_folders",
            "export_to_folder", "read_latent", "interpolation_widget", "check_row", "check_count", "check_formats",
            "instance_prompt", "EXPORT_FORMATS", "W2W_FILE"]
 
@@ -63,12 +64,44 @@ def check_formats(formats: Sequence[str]) -> list[str]:
     return list(formats)
 
 
+def fit_gaussian(z: torch.Tensor, *, jitter: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[k]`` and a Cholesky factor ``L [k, k]`` of the sample covariance of latents ``z [N, k]``
+    (``L @ L.T`` is ``np.cov(z.T)``, plus ``jitter`` times the mean variance on the diagonal if needed)."""
+    z = torch.as_tensor(z).double().cpu()
+    if z.dim() != 2 or len(z) < 2 or not torch.isfinite(z).all():
+        raise W2WError(f"fitting a Gaussian needs finite latents [N >= 2, k], not {tuple(z.shape)}"
+                       f"{'' if torch.isfinite(z).all() else ' with NaN/inf'}: pass more rows")
+    mu = z.mean(0)
+    cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
+    L, info = torch.linalg.cholesky_ex(cov)
+    if info:                                # rank-deficient (N <= k): regularise, as a Gaussian fit must
+        L = torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype))
+    return mu, L
+
+
 @torch.no_grad()
-def sample_models(space, n: int, *, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` models from ``space``'s prior: latents ``[n, k]`` and raw LoRA rows ``[n, D]`` (CPU)."""
+def sample_models(space, n: int, *, seed: int = 0, scale: float = 1.0, fit_rows: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` models from ``space``: latents ``[n, k]`` and raw LoRA rows ``[n, D]`` (CPU).
+
+    By default from the space's prior (PCA: w2w's per-coefficient Gaussians; VAE: N(0, I)). With
+    ``fit_rows`` (raw LoRA rows ``[N, D]``, e.g. the training split), from a full-covariance Gaussian fitted
+    to their latents, the aggregate posterior: a VAE whose codes spread wider than N(0, I) decodes its prior
+    draws to models near the mean identity, and this samples where its data are. ``scale`` multiplies the
+    spread either way.
+
+    >>> z, W = sample_models(S.vae, 8, seed=0, fit_rows=ds.rows(S.train_rows))   # doctest: +SKIP
+    """
     from .seeding import generator
 
-    z = space.sample(n, generator(seed, _SAMPLE_TAG), scale=scale)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise W2WError(f"scale must be a finite number >= 0, not {scale!r}")
+    if fit_rows is None:
+        z = space.sample(n, generator(seed, _SAMPLE_TAG), scale=scale)
+    else:
+        mu, L = fit_gaussian(space.encode_weights(torch.as_tensor(fit_rows).float()))
+        eps = torch.randn(check_count(n), len(mu), generator=generator(seed, _SAMPLE_TAG), dtype=torch.float64)
+        z = (mu + scale * eps @ L.T).float().to(space.device)
     return z.cpu(), space.decode_weights(z).cpu()
 
 
