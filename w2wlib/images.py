@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .errors import W2WError
 
-__all__ = ["load_images"]
+__all__ = ["load_images", "check_image_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +87,65 @@ def load_images(items: Sequence[Any] | Any, size: int) -> np.ndarray:
             img = img.resize((size, size), Image.LANCZOS)
         out.append(np.asarray(img, dtype=np.uint8))
     return np.stack(out)
+
+
+_RANGE_TOL = 1e-3            # float images may overshoot [-1, 1] by rounding, by no more than this
+
+
+def check_image_batch(images, *, min_size: int, model: str, size_fix: str) -> np.ndarray | torch.Tensor:
+    """The input rules of every image model here (the mini identity encoder, the face scorer): uint8
+    ``[N, H, W, 3]`` (numpy, torch, or a list of ``[H, W, 3]``) or float torch ``[N, 3, H, W]`` in [-1, 1],
+    at least ``min_size`` pixels a side. Returns the numpy or torch batch, detached; raises W2WError with
+    the fix otherwise (``model`` names the model in the message, ``size_fix`` says what to pass instead).
+
+    Float images must be finite and in [-1, 1]; a float batch with no negative value at all is taken for
+    [0, 1] images (no face image in [-1, 1] lacks every pixel darker than mid-grey) and refused.
+
+    >>> check_image_batch(np.zeros((2, 64, 64, 3), np.uint8), min_size=64, model="encoder", size_fix="").shape
+    (2, 64, 64, 3)
+    """
+    if isinstance(images, (list, tuple)):
+        images = (np.stack([np.asarray(i) for i in images]) if images
+                  else np.zeros((0, min_size, min_size, 3), np.uint8))
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise W2WError(f"numpy images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}; "
+                           f"w2wlib.viz.to_uint8 converts other formats")
+        _check_size(images.shape[1:3], min_size, model, size_fix)
+        return images
+    if not torch.is_tensor(images):
+        raise W2WError(f"expected uint8 numpy [N, H, W, 3] or float torch [N, 3, H, W], "
+                       f"got {type(images).__name__}")
+    ok_u8 = images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3
+    ok_float = images.is_floating_point() and images.ndim == 4 and images.shape[1] == 3
+    if not (ok_u8 or ok_float):
+        raise W2WError(f"torch images must be float [N, 3, H, W] in [-1, 1] (or uint8 "
+                       f"[N, H, W, 3]), got {images.dtype} {tuple(images.shape)}")
+    _check_size(tuple(images.shape[1:3] if ok_u8 else images.shape[2:]), min_size, model, size_fix)
+    if ok_float and images.numel():
+        _check_float_range(images.detach())
+    return images.detach()
+
+
+def _check_size(hw: tuple[int, int], min_size: int, model: str, size_fix: str) -> None:
+    if min(hw) < min_size:
+        raise W2WError(f"images are {hw[0]}x{hw[1]} pixels, smaller than the {model}'s {min_size}x{min_size} "
+                       f"{size_fix}")
+
+
+def _check_float_range(x: torch.Tensor) -> None:
+    """Float images must be finite and in [-1, 1]; [0, 1] and [0, 255] inputs would ruin every score."""
+    finite = torch.isfinite(x)
+    if not finite.all():
+        bad = torch.nonzero(~finite.flatten(1).all(1)).flatten()
+        raise W2WError(f"{bad.numel()} image(s) have NaN/inf pixels (first at index {bad[:5].tolist()}): "
+                       f"drop or regenerate them before embedding")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
+        fix = ("it looks like [0, 255]: pass x / 127.5 - 1, or the uint8 [N, H, W, 3] images themselves"
+               if hi > 2 else "clamp them with x.clamp(-1, 1) if the overshoot is expected")
+        raise W2WError(f"float images must be in [-1, 1], but these span [{lo:.4g}, {hi:.4g}]: {fix}")
+    if lo >= 0 and hi > 0:
+        raise W2WError(f"float images must be in [-1, 1], but these span [{lo:.4g}, {hi:.4g}] with no "
+                       f"negative value, which is the [0, 1] convention: pass x * 2 - 1, or uint8 "
+                       f"[N, H, W, 3] images (w2wlib.viz.to_uint8), which are never ambiguous")

@@ -212,62 +212,14 @@ class IdentityEncoder(nn.Module):
         return self._run(images, batch, 1)
 
 
-_RANGE_TOL = 1e-3            # float images may overshoot [-1, 1] by rounding, by no more than this
-
-
 def _check_images(images) -> np.ndarray | torch.Tensor:
-    """Validate images: uint8 ``[N,H,W,3]`` (numpy or torch) or float torch ``[N,3,H,W]`` in [-1, 1].
+    """The encoder's input rules (:func:`w2wlib.images.check_image_batch`): at least ``SIZE`` a side,
+    larger images are resized down to it."""
+    from ..images import check_image_batch
 
-    Images must be at least ``SIZE`` x ``SIZE`` (larger ones are resized down to it). Float images must
-    be finite and in [-1, 1]; a float batch with no negative value at all is taken for [0, 1] images
-    (no face image in [-1, 1] lacks every pixel darker than mid-grey) and refused.
-    """
-    if isinstance(images, (list, tuple)):
-        images = (np.stack([np.asarray(i) for i in images]) if images
-                  else np.zeros((0, SIZE, SIZE, 3), np.uint8))
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise W2WError(f"numpy images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}; "
-                           f"w2wlib.viz.to_uint8 converts other formats")
-        _check_size(images.shape[1:3])
-        return images
-    if not torch.is_tensor(images):
-        raise W2WError(f"expected uint8 numpy [N, H, W, 3] or float torch [N, 3, H, W], "
-                       f"got {type(images).__name__}")
-    ok_u8 = images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3
-    ok_float = images.is_floating_point() and images.ndim == 4 and images.shape[1] == 3
-    if not (ok_u8 or ok_float):
-        raise W2WError(f"torch images must be float [N, 3, H, W] in [-1, 1] (or uint8 "
-                       f"[N, H, W, 3]), got {images.dtype} {tuple(images.shape)}")
-    _check_size(tuple(images.shape[1:3] if ok_u8 else images.shape[2:]))
-    if ok_float and images.numel():
-        _check_float_range(images.detach())
-    return images.detach()
-
-
-def _check_size(hw: tuple[int, int]) -> None:
-    if min(hw) < SIZE:
-        raise W2WError(f"images are {hw[0]}x{hw[1]} pixels, smaller than the encoder's {SIZE}x{SIZE} input: "
-                       f"pass images of at least {SIZE}x{SIZE} (larger ones are resized to it); upscaling "
-                       f"a tiny image cannot give it the detail the encoder reads")
-
-
-def _check_float_range(x: torch.Tensor) -> None:
-    """Float images must be finite and in [-1, 1]; [0, 1] and [0, 255] inputs would ruin every score."""
-    finite = torch.isfinite(x)
-    if not finite.all():
-        bad = torch.nonzero(~finite.flatten(1).all(1)).flatten()
-        raise W2WError(f"{bad.numel()} image(s) have NaN/inf pixels (first at index {bad[:5].tolist()}): "
-                       f"drop or regenerate them before embedding")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
-        fix = ("it looks like [0, 255]: pass x / 127.5 - 1, or the uint8 [N, H, W, 3] images themselves"
-               if hi > 2 else "clamp them with x.clamp(-1, 1) if the overshoot is expected")
-        raise W2WError(f"float images must be in [-1, 1], but these span [{lo:.4g}, {hi:.4g}]: {fix}")
-    if lo >= 0 and hi > 0:
-        raise W2WError(f"float images must be in [-1, 1], but these span [{lo:.4g}, {hi:.4g}] with no "
-                       f"negative value, which is the [0, 1] convention: pass x * 2 - 1, or uint8 "
-                       f"[N, H, W, 3] images (w2wlib.viz.to_uint8), which are never ambiguous")
+    return check_image_batch(images, min_size=SIZE, model="encoder",
+                             size_fix=f"input: pass images of at least {SIZE}x{SIZE} (larger ones are resized "
+                                      f"to it); upscaling a tiny image cannot give it the detail the encoder reads")
 
 
 def _to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
