@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +42,50 @@ def micro_dataset(micro_world, tmp_path_factory) -> Path:
     assert main(["dataset", "build", "--config", "micro", "--out", str(out), "--world", str(micro_world),
                  "--device", "cpu"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_spaces(micro_dataset, tmp_path_factory) -> Path:
+    """Micro PCA and VAE spaces of the micro dataset, built by the real CLI, once per test session."""
+    from w2wlib.cli import main
+
+    out = tmp_path_factory.mktemp("spaces")
+    assert main(["spaces", "build", "--config", "micro", "--out", str(out), "--dataset", str(micro_dataset),
+                 "--device", "cpu"]) == 0
+    return out
+
+
+def kill_cli_when(argv: list[str], path: Path, *, timeout: float = 600) -> None:
+    """Run ``w2w ARGV`` in a subprocess and SIGKILL it the moment ``path`` exists (polled every 5 ms).
+
+    The subprocess runs at this process's torch thread count: a Conv2d's gradients differ bitwise between
+    1 and 2 threads, and its bytes are compared with builds made in this process. Fails when the command
+    ends before ``path`` appears, or outlives ``timeout`` seconds.
+    """
+    import torch
+
+    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); from w2wlib.cli import main; "
+            "sys.exit(main(sys.argv[2:]))")
+    with tempfile.TemporaryFile() as err:                 # a pipe would fill with progress bars and block
+        proc = subprocess.Popen([sys.executable, "-c", code, str(torch.get_num_threads()), *argv],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        t0 = time.monotonic()
+        while proc.poll() is None and not path.exists() and time.monotonic() - t0 < timeout:
+            time.sleep(0.005)
+        proc.kill()
+        rc = proc.wait()
+        if rc != -signal.SIGKILL:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-3000:]
+            pytest.fail(f"`w2w {' '.join(argv)}` ended by itself (status {rc}) before it was killed at {path}:\n{tail}")
+        if not path.exists():
+            pytest.fail(f"`w2w {' '.join(argv)}` ran {timeout} s and {path} never appeared")
+
+
+@pytest.fixture(scope="session")
+def kill_cli():
+    """:func:`kill_cli_when`: ``kill_cli(argv, path)`` runs ``w2w ARGV`` in a subprocess, killed when ``path`` appears."""
+    return kill_cli_when
 
 
 @pytest.fixture(scope="session")

@@ -14,16 +14,6 @@ from w2wlib.spaces.build import SpacesConfig, build_spaces
 from w2wlib.stages import verify_manifest
 
 
-@pytest.fixture(scope="module")
-def micro_spaces(micro_dataset, tmp_path_factory):
-    from w2wlib.cli import main
-
-    out = tmp_path_factory.mktemp("spaces")
-    assert main(["spaces", "build", "--config", "micro", "--out", str(out), "--dataset", str(micro_dataset),
-                 "--device", "cpu"]) == 0
-    return out
-
-
 def test_both_spaces_load_and_map_held_out_identities(micro_spaces, micro_dataset):
     ds = open_weights(micro_dataset)
     pca, vae = load_space(micro_spaces / "pca"), load_space(micro_spaces / "vae")

@@ -3,10 +3,12 @@
     w2w book [--profile P] [--only NAME ...] [-p KEY VALUE ...]   run every notebook, build the HTML book
     w2w run NOTEBOOK [--profile P] [-p KEY VALUE ...] [-o OUT]    run one notebook in batch
     w2w world build [--config mini|micro] [--out DIR]            build the mini world (resumable)
-    w2w world check [--out DIR]                                   its quality gates, as JSON
+    w2w world check [--out DIR]                                   its quality gates, as JSON; its files against the manifest
     w2w dataset build [--config mini|micro] [--out DIR] [--world DIR]  train the identity LoRAs (resumable;
                                                                   under `accelerate launch` shards split across processes)
     w2w spaces build [--config mini|micro] [--out DIR] [--dataset DIR]  fit the PCA, train the VAE (resumable)
+    w2w verify [DIR ...]                                          every artifact folder's files against its manifest
+                                                                  (default: the profile's data_dir); status 1 if any differs
     w2w invert IMAGE... [--space pca|vae] [--method gradient|cmaes] [--out DIR]  one model folder per image
     w2w sample --space pca|vae -n N --out DIR                    N sampled models, one folder each
     w2w edit --space pca|vae --attribute NAME --strength S (--row I | --lora FILE) --out DIR  an edited model
@@ -90,15 +92,32 @@ def _cmd_world(args: argparse.Namespace) -> int:
         print(json.dumps(manifest["quality"], indent=1))
         print(f"world built in {out}")
     else:
-        from .stages import verify_manifest
+        from .stages import verify_folder
         from .world.check import quality_gates
 
         print(json.dumps(quality_gates(out, device=profile.device), indent=1))
-        bad = verify_manifest(out) if (out / "manifest.json").is_file() else ["manifest.json (missing)"]
-        if bad:
-            print(f"files that do not match the manifest: {bad}", file=sys.stderr)
+        report = verify_folder(out)
+        if not report.ok:
+            print(report, file=sys.stderr)
             return 1
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .profile import load_profile
+    from .stages import artifact_folders, portable_path, verify_folder
+
+    dirs = [Path(d) for d in args.dirs] or [Path(portable_path(load_profile(args.profile).path("data_dir")))]
+    listed = [artifact_folders(d) for d in dirs]           # every DIR checked before any file is hashed
+    ok = True
+    for found, without in listed:
+        for folder in found:
+            report = verify_folder(folder)
+            print(report)
+            ok &= report.ok
+        for folder in without:
+            print(f"{folder}: no manifest.json, not checked (not a built artifact, or its build has not finished)")
+    return 0 if ok else 1
 
 
 def _builder_paths(args: argparse.Namespace, out_key: str, input_flag: str, input_key: str):
@@ -245,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override the profile's device (cpu, cuda)")
     p.add_argument("--stage", action="append", help="run only this stage (repeatable); finished stages are cached anyway")
     p.set_defaults(func=_cmd_world)
+
+    p = sub.add_parser("verify", help="check every artifact folder's files against the sha256s in its manifest")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="an artifact folder (with manifest.json) or a folder of "
+                   "them, searched two levels down (default: the profile's data_dir)")
+    p.add_argument("--profile", default="mini")
+    p.set_defaults(func=_cmd_verify)
 
     for name, what, source, func in (
             ("dataset", "build the weights dataset: one DreamBooth-LoRA per identity of the mini world",

@@ -4,8 +4,8 @@ Both builders (``w2w world build`` and ``w2w dataset build``) run named stages i
 :class:`Stages` keeps the bookkeeping under ``<out>/_work/`` (never shipped): a stage is done when its
 marker carries the key of the config it depends on, long stages checkpoint there atomically, and a
 checkpoint from another config is ignored. :func:`write_manifest` then records every shipped file's
-sha256 next to the build's command, seeds, configs, times and metrics; :func:`verify_manifest` checks
-the files against it.
+sha256 next to the build's command, seeds, configs, times and metrics; :func:`verify_folder` checks
+the files against it (``w2w verify``, over every artifact folder :func:`artifact_folders` finds).
 
 Example:
     >>> import tempfile, pathlib
@@ -25,15 +25,17 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ._version import __version__
+from .errors import ArtifactMissingError, W2WError
 
-__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest", "write_text_atomic",
-           "content_id", "sort_safetensors_header"]
+__all__ = ["Stages", "config_key", "sha256", "write_manifest", "verify_manifest", "verify_folder", "Verification",
+           "artifact_folders", "write_text_atomic", "content_id", "sort_safetensors_header"]
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +150,116 @@ def write_manifest(out: Path, **fields: Any) -> dict:
     return manifest
 
 
-def verify_manifest(out: Path) -> list[str]:
-    """Files whose sha256 differs from the manifest, or that are missing (empty when intact)."""
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
-    return [name for name, info in manifest["files"].items()
-            if not (Path(out) / name).is_file() or sha256(Path(out) / name) != info["sha256"]]
+@dataclass
+class Verification:
+    """What :func:`verify_folder` found in one artifact folder; ``str()`` gives it as one line."""
+
+    folder: Path
+    n_files: int                 # files the manifest lists
+    differ: list[str]            # listed files whose sha256 is not the recorded one
+    missing: list[str]           # listed files that are absent
+    command: str | None          # the manifest's recorded command, which rebuilds the folder
+
+    @property
+    def ok(self) -> bool:
+        return not (self.differ or self.missing)
+
+    @property
+    def bad(self) -> list[str]:
+        """Every listed file that differs or is missing, sorted by name."""
+        return sorted(self.differ + self.missing)
+
+    def __str__(self) -> str:
+        rebuild = f"rebuild with: {self.command}" if self.command else "the manifest records no command"
+        if self.ok:
+            return f"{self.folder}: OK, {self.n_files} file{'' if self.n_files == 1 else 's'} ({rebuild})"
+        parts = [f"{len(names)} of {self.n_files} files {what} ({', '.join(names)})"
+                 for names, what in ((self.differ, "differ"), (self.missing, "missing")) if names]
+        return f"{self.folder}: {'; '.join(parts)}; {rebuild}"
+
+
+def _need_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ArtifactMissingError(f"{folder} is not a folder: give an artifact folder (one with manifest.json), "
+                                   "or a folder of them such as data/")
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    _need_folder(folder)
+    if not path.is_file():
+        raise ArtifactMissingError(f"no manifest.json in {folder}: it is not a built artifact folder; build it with "
+                                   "its `w2w ... build` command (data/README.md lists them)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise W2WError(f"{path} is not valid JSON ({exc}): restore it (`git checkout -- {path}`) "
+                       "or rebuild the folder") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
+        raise W2WError(f"{path} has no 'files' table of sha256s: it was not written by w2wlib's write_manifest; "
+                       "restore it or rebuild the folder")
+    return manifest
+
+
+def verify_folder(folder: str | os.PathLike) -> Verification:
+    """Check every file ``<folder>/manifest.json`` lists against its recorded sha256.
+
+    Raises :class:`~w2wlib.ArtifactMissingError` when ``folder`` or its manifest is missing, and
+    :class:`~w2wlib.W2WError` when the manifest is not valid JSON or lists no sha256s.
+
+    Example:
+        >>> print(verify_folder("data/world"))            # doctest: +SKIP
+        data/world: OK, 13 files (rebuild with: w2w world build --config mini --out data/world --device cpu)
+    """
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    differ, missing = [], []
+    for name, info in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            missing.append(name)
+        elif sha256(path) != info["sha256"]:
+            differ.append(name)
+    return Verification(folder, len(manifest["files"]), differ, missing, manifest.get("command"))
+
+
+def verify_manifest(out: str | os.PathLike) -> list[str]:
+    """Files whose sha256 differs from the manifest, or that are missing (empty when intact): :func:`verify_folder`'s
+    ``bad``."""
+    return verify_folder(out).bad
+
+
+def artifact_folders(path: str | os.PathLike, depth: int = 2) -> tuple[list[Path], list[Path]]:
+    """The artifact folders (those with a ``manifest.json``) at or below ``path``, looking ``depth`` folder levels
+    down (``_work`` and hidden folders are skipped), and the folders beside them that have none at or below.
+
+    Example:
+        >>> artifact_folders("data")                      # doctest: +SKIP
+        ([PosixPath('data/dataset'), PosixPath('data/next/world'), ...], [PosixPath('data/next/dataset')])
+    """
+    path = Path(path)
+    _need_folder(path)
+    found: list[Path] = []
+    without: list[Path] = []
+
+    def walk(folder: Path, left: int) -> bool:           # True when an artifact lies at or below folder
+        if (folder / "manifest.json").is_file():
+            found.append(folder)
+            return True
+        if left == 0:
+            return False
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "_work" and not p.name.startswith("."))
+        hits = {p: walk(p, left - 1) for p in subs}
+        if not any(hits.values()):
+            return False
+        without.extend(p for p, hit in hits.items() if not hit)   # the topmost folders with nothing below
+        return True
+
+    if not walk(path, depth):
+        raise ArtifactMissingError(f"no manifest.json in {path} or in its folders {depth} levels down: give an "
+                                   "artifact folder (one with manifest.json) or a folder of them, such as data/")
+    return found, without
 
 
 def content_id(config_text: str, tensors: dict[str, torch.Tensor]) -> str:

@@ -60,10 +60,11 @@ class SpacesConfig:
     def preset(cls, name: str) -> "SpacesConfig":
         if name == "mini":  # the seeds' MLP + a linear path + dropout: the best of benchmarks/vae_recipe.md
             return cls(vae={"linear_skip": True, "dropout": 0.2})
-        if name == "micro":
+        if name == "micro":  # the VAE checkpoints halfway, so that tests can kill and resume it there
             return cls(name="micro", latent=4, pca_k=6, train={"steps": 20, "batch_size": 4, "warmup": 2,
                                                                "beta_warmup": 5, "beta_ramp": 5, "val_every": 10,
-                                                               "log_every": 5, "val_fraction": 0.25},
+                                                               "log_every": 5, "val_fraction": 0.25,
+                                                               "checkpoint_every": 10},
                        amortised={"steps": 6, "batch": 8, "channels": [8, 8, 8, 8], "val_every": 3,
                                   "checkpoint_every": 3}, amortised_views=2)
         raise W2WError(f"unknown spaces config {name!r}; choose mini or micro")

@@ -64,10 +64,10 @@ class WorldConfig:
             return cls(name="mini",
                        autoencoder=P.AutoencoderConfig(n_identities=30_000, steps=3_000, batch=16, lr=2e-3),
                        unet=P.UNetConfig(n_identities=20_000, views=5, steps=3_000, batch=128))
-        if name == "micro":
+        if name == "micro":  # the UNet checkpoints halfway, so that tests can kill and resume it there
             return cls(name="micro",
                        autoencoder=P.AutoencoderConfig(n_identities=500, steps=12, batch=16),
-                       unet=P.UNetConfig(n_identities=100, views=2, steps=12, batch=16),
+                       unet=P.UNetConfig(n_identities=100, views=2, steps=12, batch=16, checkpoint_every=6),
                        encoder_preset="micro", teacher={"seed": 1, "steps": 6}, check_identities=12, check_samples=8)
         raise W2WError(f"unknown world config {name!r}; choose mini or micro")
 

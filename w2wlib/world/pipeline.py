@@ -269,6 +269,9 @@ def save_pipeline(folder: Path, *, vae, unet, text_encoder, tokenizer) -> Path:
     from diffusers import StableDiffusionPipeline
 
     _, ddim = make_schedulers()
+    for part in (vae, unet):  # from_pretrained records the folder it read in config.json: a build into (or moved
+        if part.config.get("_name_or_path") is not None:  # to) another folder would otherwise differ by that path
+            part.register_to_config(_name_or_path=None)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
