@@ -68,3 +68,71 @@ def test_with_cuda_auto_is_the_gpu_with_the_profiles_dtype():
 def test_parse_value():
     assert parse_value("8") == 8 and parse_value("0.5") == 0.5 and parse_value("true") is True
     assert parse_value("a photo") == "a photo" and parse_value("[1, 2]") == [1, 2]
+
+
+def _leaves(tree, prefix=""):
+    """Dotted key -> value of every leaf of a nested settings mapping."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_every_profile_has_the_shared_settings_with_their_types():
+    from w2wlib.profile import DEFAULT_SETTINGS
+
+    defaults = _leaves(DEFAULT_SETTINGS)
+    for name in list_profiles():
+        got = _leaves(load_profile(name).settings)
+        assert set(defaults) <= set(got), f"{name} lacks {set(defaults) - set(got)}"
+        for key, value in defaults.items():
+            assert value is None or got[key] is None or isinstance(got[key], type(value)), (name, key, got[key])
+    # smoke and mini state none of them, so they are the mini world's
+    for name in ("smoke", "mini"):
+        assert {k: _leaves(load_profile(name).settings)[k] for k in defaults} == defaults
+
+
+def test_the_sd15_profile_is_w2ws_setup():
+    from w2wlib.spaces.build import SpacesConfig
+
+    p = load_profile("sd15")
+    assert p.get("world") == "sd15" and p.get("base_model") == "stablediffusionapi/realistic-vision-v51"
+    assert p.get("resolution") == 512 and p.get("scorer") == "facenet" and p.get("pca_k") == 1000
+    assert p.get("sampler") == {"scheduler": None, "steps": 50, "guidance": 3.0, "prompt": "sks person",
+                                "negative_prompt": "low quality, blurry, unfinished, cartoon"}
+    assert p.get("w2w_repo") == "Snapchat/weights2weights"
+    assert p.get("pca_k") < SpacesConfig.preset(p.get("spaces_config")).pca_k == 10_000   # 1,000 used of 10,000 stored
+    for name in list_profiles():                       # every profile names a spaces preset that exists
+        SpacesConfig.preset(load_profile(name).get("spaces_config"))
+
+
+def test_every_profile_sets_only_parameters_its_notebooks_declare(root):
+    import papermill
+
+    for nb in sorted((root / "book").glob("*.ipynb")):
+        declared = set(papermill.inspect_notebook(str(nb)))
+        for name in list_profiles():
+            extra = set(load_profile(name).notebook_parameters(nb.stem)) - declared
+            assert not extra, f"profile {name} sets {sorted(extra)} for {nb.name}, which does not declare them"
+
+
+def test_shared_settings_are_checked_on_load_and_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text, match in (("resolution: '512'", r"bad.yaml sets resolution='512' has type str, but the default 64 is a int"),
+                        ("world: sd51", r"world='sd51'; it must be mini or sd15"),
+                        ("scorer: arcface", r"scorer='arcface'; it must be encoder or facenet"),
+                        ("sampler: {step: 5}", r"sampler has no setting 'step'; it has guidance, negative_prompt"),
+                        ("sampler: 5", r"setting sampler must be a mapping"),
+                        ("resolution: 500", r"resolution=500; it must be a positive multiple of 8")):
+        bad.write_text(f"settings:\n  {text}\n")
+        with pytest.raises(ProfileError, match=match):
+            load_profile(bad)
+    bad.write_text("settings:\n  data_dir: x\n  sampler: {steps: 10}\n")
+    p = load_profile(bad)                                       # a partial group keeps the other defaults
+    assert p.get("sampler.steps") == 10 and p.get("sampler.guidance") == 4.0 and p.get("world") == "mini"
+    assert load_profile("sd15", {"sampler.guidance": 2}).get("sampler.guidance") == 2.0
+    with pytest.raises(ProfileError, match="pca_k=0; it must be an int >= 1"):
+        load_profile("sd15", {"pca_k": 0})

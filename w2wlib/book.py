@@ -9,6 +9,16 @@ cell, the profile's ``notebooks:`` entry for it, and command-line ``-p KEY VALUE
 that is not a parameter of the notebook but is a dotted profile setting (``-p device cuda``) is
 passed through the notebook's ``overrides`` parameter instead.
 
+A chapter states the worlds it runs in (a profile's ``world`` setting) in its notebook metadata, which
+travels with the file through papermill and Jupyter::
+
+    "metadata": {"w2w": {"worlds": ["mini"], "reason": "it builds and inspects the mini world itself"}}
+
+A notebook that states nothing runs in the mini world only. ``build_book`` skips a chapter that does not
+run in the profile's world, prints one line saying why, lists it on the status page and puts the reason
+at the top of its page; ``run_notebook`` refuses it with that line (:func:`check_chapter`, which a
+notebook's first cell can call too, for plain papermill runs).
+
 Example:
     >>> from w2wlib.book import build_book
     >>> index = build_book("smoke")          # doctest: +SKIP
@@ -35,15 +45,21 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import NotebookError, ProfileError, W2WError
-from .profile import Profile, load_profile
+from .profile import DEFAULT_SETTINGS, WORLDS, Profile, list_profiles, load_profile
 
-__all__ = ["toc_entries", "notebook_parameters", "run_notebook", "build_book", "NotebookRun"]
+__all__ = ["toc_entries", "notebook_parameters", "run_notebook", "build_book", "NotebookRun", "chapter_worlds",
+           "unsupported_reason", "check_chapter", "METADATA_KEY"]
 
 log = logging.getLogger(__name__)
 
 #: Package versions listed on the status page.
 _VERSIONED = ("w2wlib", "torch", "diffusers", "peft", "transformers", "accelerate", "safetensors",
               "papermill", "jupyter-book", "myst-nb", "ipywidgets", "cma", "numpy", "matplotlib")
+
+
+#: The notebook-metadata key under which a chapter states its worlds (``worlds``) and why not others (``reason``).
+METADATA_KEY = "w2w"
+_DEFAULT_WORLDS = (DEFAULT_SETTINGS["world"],)   # a chapter that states nothing was written for the mini world
 
 
 @dataclass
@@ -53,6 +69,78 @@ class NotebookRun:
     path: str  # relative to the project root, e.g. book/mini_world.ipynb
     seconds: float | None  # None when it was not executed in this build
     parameters: dict[str, Any]
+    skipped: str | None = None  # why it was not run: it does not run in the profile's world
+
+
+def chapter_worlds(notebook: str | os.PathLike) -> tuple[tuple[str, ...], str | None]:
+    """The worlds a chapter runs in and the reason it gives for the others, from its notebook metadata.
+
+    A notebook without ``metadata.w2w.worlds`` runs in the mini world only, with no reason given.
+
+    Raises:
+        W2WError: the metadata is malformed (not a list of known worlds, or a reason that is not one line).
+
+    >>> chapter_worlds("book/mini_world.ipynb")          # doctest: +SKIP
+    (('mini',), 'it builds and inspects the mini world itself')
+    """
+    path = Path(notebook)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError) as err:
+        raise W2WError(f"cannot read the notebook {path} ({err})") from err
+    info = meta.get(METADATA_KEY)
+    if info is None:
+        return _DEFAULT_WORLDS, None
+    fix = (f'write e.g. "{METADATA_KEY}": {{"worlds": ["mini"], "reason": "one line"}} in its notebook metadata, '
+           f"with worlds from {list(WORLDS)}")
+    if not isinstance(info, dict) or set(info) - {"worlds", "reason"}:
+        raise W2WError(f"{path.name}: notebook metadata {METADATA_KEY!r} must be a mapping with keys worlds and reason; {fix}")
+    worlds, reason = info.get("worlds", list(_DEFAULT_WORLDS)), info.get("reason")
+    if (not isinstance(worlds, list) or not worlds or any(w not in WORLDS for w in worlds)
+            or len(set(worlds)) != len(worlds)):
+        raise W2WError(f"{path.name}: notebook metadata {METADATA_KEY}.worlds is {worlds!r}; {fix}")
+    if reason is not None and (not isinstance(reason, str) or not reason.strip() or "\n" in reason):
+        raise W2WError(f"{path.name}: notebook metadata {METADATA_KEY}.reason must be one line of text; {fix}")
+    return tuple(worlds), reason.strip().rstrip(".") if reason else None
+
+
+def unsupported_reason(notebook: str | os.PathLike, profile: Profile) -> str | None:
+    """None if the chapter runs in ``profile``'s world; else one line that says why it does not."""
+    worlds, reason = chapter_worlds(notebook)
+    world = profile.get("world")
+    if world in worlds:
+        return None
+    name = Path(notebook).name
+    why = reason or (f"it states no worlds (notebook metadata {METADATA_KEY}.worlds), so it runs in the "
+                     f"{_DEFAULT_WORLDS[0]} world only")
+    return f"{name} does not run in the {world} world (profile {profile.name!r}): {why}; it runs in: {', '.join(worlds)}"
+
+
+def check_chapter(notebook: str | os.PathLike, profile: Profile) -> None:
+    """Raise W2WError, in one line, if chapter ``notebook`` does not run in ``profile``'s world.
+
+    ``notebook`` is a path, or a file stem of ``book/`` under the profile's root, so that a notebook's own
+    first cell can guard a plain papermill run: ``check_chapter("mini_world", P)``.
+
+    >>> check_chapter("mini_world", load_profile("sd15"))   # doctest: +SKIP
+    Traceback (most recent call last):
+    w2wlib.errors.W2WError: mini_world.ipynb does not run in the sd15 world (profile 'sd15'): ...
+    """
+    path = Path(notebook)
+    if path.suffix != ".ipynb" and len(path.parts) == 1:
+        path = profile.root / "book" / f"{path.name}.ipynb"
+    reason = unsupported_reason(path, profile)
+    if reason is None:
+        return
+    worlds = chapter_worlds(path)[0]
+    others = []
+    for name in list_profiles():
+        try:
+            if load_profile(name, root=profile.root).get("world") in worlds:
+                others.append(name)
+        except W2WError:
+            continue
+    raise W2WError(reason + (f" (use --profile {' or '.join(others)})" if others else ""))
 
 
 def toc_entries(root: Path) -> list[Path]:
@@ -132,6 +220,7 @@ def run_notebook(notebook: Path, output: Path, profile: Profile, cli: Mapping[st
     notebook, output = Path(notebook).resolve(), Path(output).resolve()
     if not notebook.is_file():
         raise W2WError(f"notebook {notebook} does not exist")
+    check_chapter(notebook, profile)
     params = notebook_parameters(notebook, profile, cli)
     output.parent.mkdir(parents=True, exist_ok=True)
     _kernel_env()
@@ -184,12 +273,32 @@ def _status_page(profile: Profile, runs: list[NotebookRun]) -> str:
     for run in runs:
         seconds = f"{run.seconds:.1f}" if run.seconds is not None else ""
         params = ", ".join(f"`{k}={v!r}`" for k, v in run.parameters.items()) or ""
-        lines.append(f"| `{run.path}` | {'yes' if run.seconds is not None else 'no (earlier copy)'} | {seconds} | {params} |")
+        executed = "yes" if run.seconds is not None else "no (skipped, see below)" if run.skipped else "no (earlier copy)"
+        lines.append(f"| `{run.path}` | {executed} | {seconds} | {params} |")
     total = sum(r.seconds or 0.0 for r in runs)
-    lines += ["", f"Total execution time: {total:.1f} s.", "", "## Package versions", "",
-              "| package | version |", "|---|---|"]
+    lines += ["", f"Total execution time: {total:.1f} s."]
+    skipped = [r for r in runs if r.skipped]
+    if skipped:
+        lines += ["", "## Chapters skipped", "",
+                  f"These chapters do not run in the **{profile.get('world')}** world of this profile; their pages "
+                  f"say so at the top.", "", "| notebook | why |", "|---|---|"]
+        lines += [f"| `{r.path}` | {r.skipped.replace('|', '/')} |" for r in skipped]
+    lines += ["", "## Package versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in _versions()]
     return "\n".join(lines) + "\n"
+
+
+def _skipped_copy(notebook: Path, target: Path, reason: str) -> None:
+    """The source notebook, unexecuted, with a note under its title that says why this build skipped it."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    note = nbformat.v4.new_markdown_cell(f"```{{note}}\nThis chapter was not run in this build: {reason}.\n```")
+    first = nb.cells[0] if nb.cells else None
+    titled = first is not None and first.cell_type == "markdown" and first.source.lstrip().startswith("# ")
+    nb.cells.insert(1 if titled else 0, note)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, target)
 
 
 def _jupyter_book(src: Path, out: Path) -> Path:
@@ -236,6 +345,10 @@ def build_book(profile: str | Profile = "mini", *, only: list[str] | None = None
     for name in only or []:
         if name not in stems:
             raise W2WError(f"--only {name!r}: no such notebook in _toc.yml; choose from {sorted(stems)}")
+    skips = {nb: unsupported_reason(nb, profile) for nb in notebooks}   # every notebook's metadata read up front
+    for nb in notebooks:
+        if only and nb.stem in only and skips[nb]:
+            raise W2WError(f"--only {nb.stem}: {skips[nb]}")
     # Stage the book's sources: config, toc, every non-notebook file under book/ (pages, vendored JS).
     src.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml", "references.bib"):
@@ -248,6 +361,11 @@ def build_book(profile: str | Profile = "mini", *, only: list[str] | None = None
 
     for nb in tqdm(notebooks, desc=f"notebooks ({profile.name})", unit="nb", disable=not progress):
         target = src / nb.relative_to(root)
+        if skips[nb]:
+            tqdm.write(f"skipped {nb.relative_to(root)}: {skips[nb]}")
+            _skipped_copy(nb, target, skips[nb])
+            runs.append(NotebookRun(str(nb.relative_to(root)), None, {}, skipped=skips[nb]))
+            continue
         if only and nb.stem not in only:
             if not target.exists():
                 shutil.copy2(nb, target)

@@ -6,7 +6,7 @@
     w2w world check [--out DIR]                                   its quality gates, as JSON; its files against the manifest
     w2w dataset build [--config mini|micro] [--out DIR] [--world DIR]  train the identity LoRAs (resumable;
                                                                   under `accelerate launch` shards split across processes)
-    w2w spaces build [--config mini|micro] [--out DIR] [--dataset DIR]  fit the PCA, train the VAE (resumable)
+    w2w spaces build [--config mini|micro|sd15] [--out DIR] [--dataset DIR]  fit the PCA, train the VAE (resumable)
     w2w verify [DIR ...]                                          every artifact folder's files against its manifest
                                                                   (default: the profile's data_dir); status 1 if any differs
     w2w invert IMAGE... [--space pca|vae] [--method gradient|cmaes] [--out DIR]  one model folder per image
@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
              ("dataset", "the weights dataset", "dataset_dir"), _cmd_spaces)):
         p = sub.add_parser(name, help=what)
         p.add_argument("action", choices=["build"])
-        p.add_argument("--config", default="mini", choices=["mini", "micro"], help="sizes (micro: tiny, for tests)")
+        configs = ["mini", "micro", "sd15"] if name == "spaces" else ["mini", "micro"]
+        p.add_argument("--config", default="mini", choices=configs,
+                       help="sizes (micro: tiny, for tests" + ("; sd15: the public w2w files on a GPU)" if name == "spaces" else ")"))
         p.add_argument("--out", help=f"output folder (default: the profile's {name}_dir)")
         p.add_argument(f"--{source[0]}", help=f"{source[1]} (default: the profile's {source[2]})")
         p.add_argument("--profile", default="mini")

@@ -12,6 +12,11 @@ YAML file of the same shape::
     notebooks:           # papermill parameters per notebook (its file stem), over the notebook's defaults
       mini_world: {n_identities: 4}
 
+Every profile has the settings of :data:`DEFAULT_SETTINGS` (the world, the base model, the sampler, the
+PCA size used, the ID scorer...): their defaults are the mini world's, and a profile's YAML overrides
+them, keeping each default's type (a default of None takes any value). ``world`` says which world the
+chapters run in; a chapter lists the worlds it supports (see :func:`w2wlib.book.chapter_worlds`).
+
 Profiles are data: code never branches on a profile's *name*, only on its values. Device and dtype
 are chosen here, once, and handed down.
 
@@ -33,10 +38,37 @@ import yaml
 
 from .errors import ProfileError
 
-__all__ = ["Profile", "load_profile", "list_profiles", "project_root", "parse_value"]
+__all__ = ["Profile", "load_profile", "list_profiles", "project_root", "parse_value", "DEFAULT_SETTINGS",
+           "WORLDS"]
 
 _PROFILE_DIR = Path(__file__).parent / "profiles"
 _DEVICES = "auto, cpu, cuda, cuda:<index> or mps"
+
+#: The worlds a profile can run the chapters in: the embedded mini world, and Stable Diffusion 1.5 with the
+#: public weights2weights files.
+WORLDS = ("mini", "sd15")
+_SCORERS = ("encoder", "facenet")
+
+#: Settings every profile has, with the mini world's values; a profile's YAML overrides them (nested
+#: mappings key by key), so ``smoke`` and ``mini`` need not repeat them and ``sd15`` states its own.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "world": "mini",          # the world the chapters run in (one of WORLDS); chapters declare the worlds they support
+    "base_model": None,       # the base diffusers pipeline: a hub id or a folder; None = the world's own, <world_dir>/pipeline
+    "base_revision": None,    # the hub revision (commit, tag or branch) of base_model; None = its default branch
+    "resolution": 64,         # side of generated images in pixels (the mini world renders 64 x 64)
+    "sampler": {
+        "scheduler": None,    # a diffusers scheduler class name; None = the base model's own scheduler_config
+        "steps": 25,          # denoising steps of generated images
+        "guidance": 4.0,      # classifier-free guidance scale
+        "prompt": None,       # the identity prompt; None = the dataset's instance prompt (its DreamBooth record)
+        "negative_prompt": "",  # the prompt of the unconditional branch of guidance ("" = none)
+    },
+    "spaces_config": "mini",  # the SpacesConfig preset that builds this world's spaces (w2w spaces build --config)
+    "pca_k": None,            # principal components used to sample and edit; None = every stored component
+    "scorer": "encoder",      # the ID scorer: encoder (the mini world's identity encoder) or facenet (real photos)
+    "w2w_repo": None,         # the hub repo of the public weights2weights files (None: this world has none)
+    "w2w_revision": None,     # its revision; None = the default branch
+}
 
 
 def list_profiles() -> list[str]:
@@ -80,7 +112,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_type(key: str, old: Any, new: Any) -> Any:
+def _check_type(key: str, old: Any, new: Any, *, what: str = "override", against: str = "the profile's value") -> Any:
     """An override must keep the type of the value it replaces (an int may stand for a float)."""
     if old is None or new is None or isinstance(new, type(old)):
         return new
@@ -89,9 +121,51 @@ def _check_type(key: str, old: Any, new: Any) -> Any:
     if isinstance(old, str) and not isinstance(new, (dict, list)):
         return str(new)
     raise ProfileError(
-        f"override {key}={new!r} has type {type(new).__name__}, but the profile's value {old!r} "
+        f"{what} {key}={new!r} has type {type(new).__name__}, but {against} {old!r} "
         f"is a {type(old).__name__}; pass a {type(old).__name__}"
     )
+
+
+def _with_defaults(defaults: Mapping[str, Any], given: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    """``given`` over ``defaults``: nested mappings merged key by key, each value keeping its default's type.
+
+    A profile may add top-level settings of its own, but not new keys inside a default group (a typo there
+    would otherwise be silently ignored).
+    """
+    out: dict[str, Any] = {}                      # the profile's own order first, then the defaults it left out
+    for key, value in given.items():
+        name, old = f"{prefix}{key}", defaults.get(key)
+        if prefix and key not in defaults:
+            raise ProfileError(f"{where}: {prefix.rstrip('.')} has no setting {key!r}; it has {', '.join(sorted(defaults))}")
+        if isinstance(old, Mapping):
+            if not isinstance(value, Mapping):
+                raise ProfileError(f"{where}: setting {name} must be a mapping with keys {sorted(old)}, not {value!r}")
+            out[key] = _with_defaults(old, value, where, name + ".")
+        else:
+            out[key] = _check_type(name, old, value, what=f"{where} sets", against="the default") if key in defaults else value
+    out.update({k: copy.deepcopy(v) for k, v in defaults.items() if k not in out})
+    return out
+
+
+def _check_settings(name: str, settings: Mapping[str, Any]) -> None:
+    """The values of the shared settings that no type check catches: world, scorer, sizes."""
+    def bad(key: str, want: str) -> ProfileError:
+        value = _flatten(settings).get(key)
+        return ProfileError(f"profile {name!r} has {key}={value!r}; it must be {want}")
+
+    if settings.get("world") not in WORLDS:
+        raise bad("world", " or ".join(WORLDS))
+    if settings.get("scorer") not in _SCORERS:
+        raise bad("scorer", " or ".join(_SCORERS))
+    res = settings.get("resolution")
+    if isinstance(res, bool) or not isinstance(res, int) or res < 8 or res % 8:
+        raise bad("resolution", "a positive multiple of 8 (the latent is 1/8 of the image side)")
+    k = settings.get("pca_k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise bad("pca_k", "an int >= 1, or null for every stored component")
+    steps = (settings.get("sampler") or {}).get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise bad("sampler.steps", "an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -136,6 +210,7 @@ class Profile:
             for part in parents:
                 node = node[part]
             node[last] = _check_type(key, old, value)
+        _check_settings(self.name, settings)
         return Profile(self.name, self.description, settings, self.notebooks, self.root)
 
     # -- the one place where device and dtype are decided ------------------------------------------
@@ -195,10 +270,12 @@ def load_profile(name: str | os.PathLike = "mini", overrides: Mapping[str, Any] 
     unknown = set(data) - {"description", "settings", "notebooks"}
     if unknown or not isinstance(data.get("settings"), dict):
         raise ProfileError(f"profile {path} must have a 'settings' mapping and may have 'description' and 'notebooks'; found keys {sorted(data)}")
+    settings = _with_defaults(DEFAULT_SETTINGS, data["settings"], f"profile {path.name}")
+    _check_settings(path.stem, settings)
     profile = Profile(
         name=path.stem,
         description=str(data.get("description", "")),
-        settings=data["settings"],
+        settings=settings,
         notebooks={k: dict(v or {}) for k, v in (data.get("notebooks") or {}).items()},
         root=root or project_root(),
     )

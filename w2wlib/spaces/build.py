@@ -5,6 +5,7 @@ Both spaces are fit on the same training identities and leave the same identitie
 resumable, :class:`~w2wlib.stages.Stages`; bookkeeping in ``<out>/_work/``):
 
 1. ``pca``: :meth:`PCASpace.fit` on the training rows, ``pca_k`` components (sweeps truncate it) -> ``pca/``;
+   it reads the rows in blocks, so the ``sd15`` preset streams the 26 GB public ``all_weights.pt``;
 2. ``vae``: :func:`~w2wlib.train.train_vae` (checkpointed in ``_work/vae_run``, so a killed build
    resumes) -> ``vae/`` and its training history ``vae_history.json`` (without wall times, so that two
    builds give the same bytes);
@@ -16,6 +17,11 @@ resumable, :class:`~w2wlib.stages.Stages`; bookkeeping in ``<out>/_work/``):
 
 ``manifest.json`` records every file's sha256, the command, the configs, the split and stage times
 (``build_seconds``: the only timings of a build).
+
+Presets: ``mini`` (the shipped spaces), ``micro`` (tests) and ``sd15`` (the public w2w dataset on one GPU:
+w2w's 10,000 components by a streaming randomized PCA, and the seeds' VAE, :meth:`VAEConfig.sd15`, trained
+with Accelerate and bf16 autocast). A dataset too small for a config's sizes is refused before any stage
+runs, with the sizes that would fit.
 
 Example:
     >>> SpacesConfig.preset("micro").latent
@@ -41,20 +47,27 @@ __all__ = ["SpacesConfig", "build_spaces", "STAGES"]
 
 STAGES = ("pca", "vae", "amortised")
 _TIMING = ("elapsed_s",)  # history columns that measure time, left out of vae_history.json
+_PCA_OPTIONS = ("method", "batch_size", "oversample", "power_iters")  # what SpacesConfig.pca may set of PCASpace.fit
 
 
 @dataclass
 class SpacesConfig:
-    """Everything that determines the shipped spaces. Presets: ``mini`` and ``micro`` (tests)."""
+    """Everything that determines the shipped spaces. Presets: ``mini``, ``micro`` (tests) and ``sd15``."""
 
     name: str = "mini"
     latent: int = 64             # k of the VAE, and of the PCA it is compared with
     pca_k: int = 512             # components kept in the shipped PCA; smaller k truncate it
+    pca: dict[str, Any] = field(default_factory=dict)    # PCASpace.fit options (method, batch_size, power_iters, oversample)
     vae: dict[str, Any] = field(default_factory=dict)    # VAEConfig fields over VAEConfig.scaled(D, latent=latent)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over its defaults
     amortised: dict[str, Any] = field(default_factory=dict)  # AmortisedConfig fields over its defaults
     amortised_views: int = 6     # training views rendered per identity for the amortised inverters
     seed: int = 0                # VAE init, the split and the training stream
+
+    def __post_init__(self) -> None:
+        unknown = set(self.pca) - set(_PCA_OPTIONS)
+        if unknown:
+            raise W2WError(f"SpacesConfig.pca has unknown option(s) {sorted(unknown)}; PCASpace.fit takes {list(_PCA_OPTIONS)}")
 
     @classmethod
     def preset(cls, name: str) -> "SpacesConfig":
@@ -67,7 +80,36 @@ class SpacesConfig:
                                                                "checkpoint_every": 10},
                        amortised={"steps": 6, "batch": 8, "channels": [8, 8, 8, 8], "val_every": 3,
                                   "checkpoint_every": 3}, amortised_views=2)
-        raise W2WError(f"unknown spaces config {name!r}; choose mini or micro")
+        if name == "sd15":
+            # The public w2w dataset (64,974 x 99,648) on one GPU. PCA: w2w keeps 10,000 components (V.pt); its
+            # fallback for data that do not fit memory is torch.svd_lowrank(q=10000, niter=20), so 20 power
+            # iterations: 22 streamed passes over all_weights.pt, 2,048 rows (0.8 GB) at a time. VAE: the seeds'
+            # MLP, 99,648 -> 4,096 -> 2,048 -> 1,024 -> 512 (vae_config(99,648) == VAEConfig.sd15()), batch 64, KL
+            # warm-up then a linear ramp; about 22 epochs of the ~58k training identities; bf16 autocast on a GPU.
+            return cls(name="sd15", latent=512, pca_k=10_000,
+                       pca={"method": "randomized", "power_iters": 20, "oversample": 10, "batch_size": 2048},
+                       train={"steps": 20_000, "batch_size": 64, "warmup": 500, "beta_warmup": 5_000,
+                              "beta_ramp": 5_000, "checkpoint_every": 1_000, "val_every": 1_000, "log_every": 100,
+                              "mixed_precision": "auto"})
+        raise W2WError(f"unknown spaces config {name!r}; choose mini, micro or sd15")
+
+    def check_fits(self, n_rows: int, dim: int, where: str = "the dataset") -> None:
+        """Raise W2WError, before any work, if ``n_rows`` identities of length ``dim`` are too few for these sizes.
+
+        >>> SpacesConfig.preset("sd15").check_fits(50, 99_648)          # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        w2wlib.errors.W2WError: spaces config 'sd15' keeps pca_k=10,000 components, but ...
+        """
+        tcfg = self.train_config()
+        train_rows = tcfg.split(n_rows)[0].numel()
+        fit = f"use a smaller config (--config micro), or SpacesConfig(...) with pca_k <= {min(train_rows, dim):,}"
+        if self.pca_k > min(train_rows, dim):
+            raise W2WError(f"spaces config {self.name!r} keeps pca_k={self.pca_k:,} components, but {where} has "
+                           f"{train_rows:,} training identities (of {n_rows:,}) of {dim:,} dims, and PCA has at most "
+                           f"min(N, D) = {min(train_rows, dim):,}: {fit}.")
+        if tcfg.batch_size > train_rows:
+            raise W2WError(f"spaces config {self.name!r} trains the VAE in batches of {tcfg.batch_size}, but {where} has "
+                           f"only {train_rows:,} training identities (of {n_rows:,}): lower train['batch_size'].")
 
     @classmethod
     def from_manifest(cls, folder: str | os.PathLike) -> "SpacesConfig":
@@ -109,15 +151,17 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
 
     out, dataset = Path(out), Path(dataset)
     ds = open_weights(dataset)
+    cfg.check_fits(len(ds), ds.dim, str(dataset))
     tcfg = cfg.train_config()
     train_rows, val_rows = tcfg.split(len(ds))
-    if cfg.pca_k > len(train_rows):
-        raise W2WError(f"pca_k={cfg.pca_k} exceeds the {len(train_rows)} training identities; lower it")
+    # Only the token VAE needs the LoRA layout; public files spelled the kohya way need the UNet to give one.
+    layout = ds.lora_layout() if cfg.vae.get("arch") == "tokens" else None
+    vae_cfg = cfg.vae_config(ds.dim, layout)
 
     def depends(stage: str) -> dict:
         d = {"dataset": ds.dataset_id or str(ds.folder.resolve()), "val_rows": val_rows.tolist()}
-        pca = {**d, "pca_k": cfg.pca_k, "seed": cfg.seed}
-        vae = {**d, "vae": cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), "train": dataclasses.asdict(tcfg)}
+        pca = {**d, "pca_k": cfg.pca_k, "seed": cfg.seed, **({"fit": cfg.pca} if cfg.pca else {})}
+        vae = {**d, "vae": vae_cfg.to_dict(), "train": dataclasses.asdict(tcfg)}
         if stage == "amortised":
             return {"pca": pca, "vae": vae, "views": cfg.amortised_views,
                     "amortised": [cfg.amortised_config(s).to_dict() for s in ("pca", "vae")]}
@@ -129,10 +173,11 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
         if stage == "amortised":
             return _amortised(out, st.work, cfg, ds, train_rows, val_rows, device, progress)
         if stage == "pca":
-            space = PCASpace.fit(ds, cfg.pca_k, rows=train_rows, seed=cfg.seed, device=device, progress=progress)
+            space = PCASpace.fit(ds, cfg.pca_k, rows=train_rows, seed=cfg.seed, device=device, progress=progress,
+                                 **cfg.pca)
             space.save(out / "pca", overwrite=True)
             return {"explained_variance_ratio": float(space.explained_variance_ratio.sum()), "method": space.method}
-        space = VAESpace(cfg.vae_config(ds.dim, ds.lora_layout()), seed=cfg.seed).to(device)
+        space = VAESpace(vae_cfg, seed=cfg.seed).to(device)
         run_dir = st.work / "vae_run"
         history = train_vae(space, ds, tcfg, out_dir=run_dir, progress=progress)
         if (out / "vae").exists():
@@ -148,9 +193,9 @@ def build_spaces(out: Path, cfg: SpacesConfig, dataset: Path, *, device: torch.d
     markers = {s: st.done(s) for s in STAGES}
     (out / "split.json").write_text(json.dumps({"train": train_rows.tolist(), "val": val_rows.tolist()}))
     return write_manifest(
-        out, artifact="the weight spaces of the mini weights dataset: PCA (w2w) and VAE (w2w++)",
+        out, artifact=f"the weight spaces ({cfg.name} config) of a weights dataset: PCA (w2w) and VAE (w2w++)",
         command=command or f"w2w spaces build --config {cfg.name} --out {portable_path(out)} --dataset {portable_path(dataset)}",
-        config=dataclasses.asdict(cfg), vae=cfg.vae_config(ds.dim, ds.lora_layout()).to_dict(), train=dataclasses.asdict(tcfg),
+        config=dataclasses.asdict(cfg), vae=vae_cfg.to_dict(), train=dataclasses.asdict(tcfg),
         dataset=portable_path(dataset), split={"train": len(train_rows), "val": len(val_rows), "by": "identity (row)"},
         build_seconds={k: round(v, 1) for k, v in seconds.items()},
         results={s: {k: v for k, v in (m or {}).items() if k not in ("key", "seconds")} for s, m in markers.items()})

@@ -1,0 +1,219 @@
+"""The sd15 world as far as a CPU allows: its spaces built from a small fake of the public w2w files, and
+the rule by which `w2w book` / `w2w run` skip the chapters that do not run in a profile's world.
+
+The fake has the public formats exactly: the hub's file names and arrangement, ``weight_dimensions.pt`` as
+an ordered dict ``key -> [[numel], torch.Size(shape)]`` over SD 1.5's own LoRA layout (D = 99,648, w2w's
+``lora_unet_`` key prefix), float32 ``all_weights.pt``, ``mean.pt`` and ``std.pt``, but only 60 identities.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import shutil
+
+import nbformat
+import pytest
+import torch
+
+from w2wlib import W2WError, load_profile
+from w2wlib.book import build_book, chapter_worlds, check_chapter, run_notebook, unsupported_reason
+from w2wlib.cli import main
+from w2wlib.data import open_weights
+from w2wlib.spaces import SD15_DIM, PCASpace, VAEConfig, load_space
+from w2wlib.spaces.build import SpacesConfig, build_spaces
+from w2wlib.spaces.shipped import open_spaces
+from w2wlib.stages import verify_manifest
+
+N, RANK = 60, 12      # identities in the fake; rank of its identity structure
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory):
+    """The public w2w files (hub arrangement) for N identities of SD 1.5's layout: low rank plus noise."""
+    from w2wlib.lora import sd15_layout
+
+    layout = sd15_layout()
+    assert layout.dim == SD15_DIM
+    g = torch.Generator().manual_seed(0)
+    scales = 10 * 0.7 ** torch.arange(RANK, dtype=torch.float32)                    # a decaying spectrum
+    codes = torch.randn(N, RANK, generator=g) * scales                              # [N, r]
+    basis = torch.randn(RANK, SD15_DIM, generator=g) / SD15_DIM ** 0.5             # [r, D]
+    W = 0.01 * (codes @ basis * 30 + 0.05 * torch.randn(N, SD15_DIM, generator=g)) + 0.002  # [N, D] float32
+    folder = tmp_path_factory.mktemp("w2w_public")
+    (folder / "files").mkdir()
+    (folder / "weights_datasets/identities").mkdir(parents=True)
+    wd = collections.OrderedDict()                      # w2w's key -> [[numel], shape], in the flat order
+    for e in layout.entries:
+        for ab, shape in (("A", e.a_shape), ("B", e.b_shape)):
+            wd[f"lora_unet_{e.module}.lora_{ab}.weight"] = [[shape[0] * shape[1]], torch.Size(shape)]
+    torch.save(W, folder / "weights_datasets/identities/all_weights.pt")
+    torch.save(W.mean(0), folder / "files/mean.pt")
+    torch.save(W.std(0), folder / "files/std.pt")
+    torch.save(wd, folder / "files/weight_dimensions.pt")
+    (folder / "files/adapter_config.json").write_text(json.dumps({"r": 1, "lora_alpha": 27,
+                                                                  "target_modules": ["to_q", "to_v"]}))
+    return folder
+
+
+def small(cfg: SpacesConfig) -> SpacesConfig:
+    """The sd15 preset with sizes that fit N = 60 identities; every other choice (the streaming PCA's options,
+    the VAE's MLP family, the KL schedule, mixed precision) is the preset's own."""
+    train = {**cfg.train, "steps": 6, "batch_size": 8, "warmup": 1, "beta_warmup": 2, "beta_ramp": 2,
+             "checkpoint_every": 6, "val_every": 3, "log_every": 3}
+    return dataclasses.replace(cfg, pca_k=8, latent=4, vae={"hidden": [32]}, train=train)
+
+
+# ---------------------------------------------------------------------- SpacesConfig.preset("sd15")
+
+
+def test_the_sd15_preset_is_w2ws_pca_and_the_seeds_vae():
+    cfg = SpacesConfig.preset("sd15")
+    assert cfg.pca_k == 10_000 and cfg.latent == 512 and cfg.pca["method"] == "randomized"
+    assert cfg.vae_config(SD15_DIM) == VAEConfig.sd15()           # 99,648 -> 4,096 -> 2,048 -> 1,024 -> 512
+    assert cfg.train_config().mixed_precision == "auto"            # bf16 autocast on a CUDA GPU that has it
+    cfg.check_fits(64_974, SD15_DIM)                               # the public dataset fits
+    assert load_profile("sd15").get("spaces_config") == "sd15"
+    with pytest.raises(W2WError, match=r"unknown option\(s\) \['niter'\]"):
+        SpacesConfig(pca={"niter": 20})
+
+
+def test_the_streaming_pca_matches_an_exact_svd_and_reads_bounded_blocks(public):
+    ds = open_weights(public)
+    cfg = SpacesConfig.preset("sd15")
+    rows = cfg.train_config().split(len(ds))[0]
+    seen: list[int] = []
+    read = ds.rows
+    ds.rows = lambda idx: (seen.append(len(idx)), read(idx))[1]     # record every block the fit reads
+    space = PCASpace.fit(ds, 8, rows=rows, **{**cfg.pca, "batch_size": 16})
+    assert space.method == "randomized" and max(seen) == 16
+    assert sum(seen) == (2 + cfg.pca["power_iters"]) * len(rows)    # whole passes over the training rows, no more
+    # the reference: an exact SVD of the standardised training rows, in float64
+    a = ds.standardise(read(rows)).double()                            # [54, 99648]
+    _, s, vh = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(space.singular_values.double(), s[:8], rtol=1e-4, atol=0)
+    cos = (space.components.double() * vh[:8].T).sum(0).abs()         # each component against its reference
+    assert cos.min() > 0.9999, cos
+    coeffs = a @ space.components.double()
+    torch.testing.assert_close(space.coeff_mean.double(), coeffs.mean(0), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(space.coeff_std.double(), coeffs.std(0), atol=1e-3, rtol=1e-3)
+    assert float(space.explained_variance_ratio.sum()) == pytest.approx(float(s[:8].square().sum() / s.square().sum()), rel=1e-4)
+
+
+def test_spaces_build_sd15_runs_end_to_end_on_the_public_format(public, tmp_path):
+    out = tmp_path / "spaces"
+    cfg = small(SpacesConfig.preset("sd15"))
+    manifest = build_spaces(out, cfg, public, progress=False)
+    # the artifact kinds of the mini build; the amortised inverters need renders, which the public files lack
+    assert {"pca/config.json", "pca/tensors.safetensors", "vae/config.json", "vae/tensors.safetensors",
+            "vae_history.json"} <= set(manifest["files"]) and (out / "split.json").is_file()
+    assert verify_manifest(out) == [] and manifest["config"]["name"] == "sd15"
+    assert manifest["results"]["pca"]["method"] == "randomized"
+    assert manifest["results"]["amortised"] == {"skipped": "no identity seeds to render"}
+    assert SpacesConfig.from_manifest(out) == cfg
+    S = open_spaces(out, public)                          # both spaces carry the dataset's own standardisation
+    assert S.pca.latent_dim == 8 and S.vae.latent_dim == 4 and S.pca.dim == S.vae.dim == SD15_DIM
+    val = S.dataset.rows(S.val_rows)                      # raw held-out rows [6, D]
+    for space in (S.pca, S.vae):
+        back = space.decode_weights(space.encode_weights(val))
+        assert back.shape == val.shape and torch.isfinite(back).all()
+    # the PCA of the build is the one fitted directly on the same rows
+    direct = PCASpace.fit(S.dataset, 8, rows=S.train_rows, **cfg.pca)
+    torch.testing.assert_close(load_space(out / "pca").components, direct.components)
+
+
+def test_spaces_build_sd15_refuses_a_dataset_too_small_before_any_work(public, tmp_path, capsys):
+    out = tmp_path / "spaces"
+    assert main(["spaces", "build", "--config", "sd15", "--dataset", str(public), "--out", str(out),
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "spaces config 'sd15' keeps pca_k=10,000 components" in err and "54 training identities (of 60)" in err
+    assert "pca_k <= 54" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()                                          # refused before any stage wrote anything
+    with pytest.raises(W2WError, match=r"batches of 64, but .* only 54 training identities"):
+        dataclasses.replace(SpacesConfig.preset("sd15"), pca_k=8).check_fits(N, SD15_DIM)
+
+
+# ---------------------------------------------------------------------- the world of a chapter
+
+
+def _notebook(path, meta=None, title="# A chapter"):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    if meta is not None:
+        nb.metadata["w2w"] = meta
+    params = nbformat.v4.new_code_cell('profile = "smoke"\noverrides = {}')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(title), params, nbformat.v4.new_code_cell("print(profile)")]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def book_root(tmp_path, root, monkeypatch):
+    """A project whose book has a mini-only chapter and a chapter for both worlds."""
+    for name in ("_config.yml", "references.bib"):
+        shutil.copy2(root / name, tmp_path / name)
+    (tmp_path / "w2wlib").mkdir()
+    shutil.copytree(root / "book/_vendor", tmp_path / "book/_vendor")       # the widget JavaScript the config names
+    (tmp_path / "book/intro.md").write_text("# Intro\n")
+    (tmp_path / "book/status.md").write_text("# Status\n")
+    _notebook(tmp_path / "book/mini_only.ipynb", {"worlds": ["mini"], "reason": "it builds the mini world itself."},
+              "# The mini world")
+    _notebook(tmp_path / "book/both.ipynb", {"worlds": ["mini", "sd15"]}, "# Both worlds")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/mini_only\n"
+                                       "  - file: book/both\n  - file: book/status\n")
+    monkeypatch.setenv("W2W_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_chapter_states_its_worlds_in_its_metadata(tmp_path):
+    sd15, mini = load_profile("sd15"), load_profile("mini")
+    plain = _notebook(tmp_path / "plain.ipynb")
+    assert chapter_worlds(plain) == (("mini",), None)               # a chapter that states nothing: mini only
+    assert unsupported_reason(plain, mini) is None
+    assert unsupported_reason(plain, sd15) == ("plain.ipynb does not run in the sd15 world (profile 'sd15'): it states "
+                                               "no worlds (notebook metadata w2w.worlds), so it runs in the mini world "
+                                               "only; it runs in: mini")
+    both = _notebook(tmp_path / "both.ipynb", {"worlds": ["mini", "sd15"]})
+    assert unsupported_reason(both, sd15) is None and unsupported_reason(both, mini) is None
+    for bad, match in (({"worlds": ["sd51"]}, r"w2w.worlds is \['sd51'\]"), ({"worlds": []}, r"w2w.worlds is \[\]"),
+                       ({"worlds": ["mini"], "why": "x"}, "keys worlds and reason"),
+                       ({"worlds": ["mini"], "reason": "two\nlines"}, "reason must be one line")):
+        with pytest.raises(W2WError, match=match):
+            chapter_worlds(_notebook(tmp_path / "bad.ipynb", bad))
+
+
+def test_w2w_run_refuses_a_chapter_of_another_world_in_one_line(book_root, capsys):
+    sd15 = load_profile("sd15", root=book_root)
+    why = (r"mini_only.ipynb does not run in the sd15 world \(profile 'sd15'\): it builds the mini world itself; "
+           r"it runs in: mini \(use --profile mini or smoke\)$")
+    with pytest.raises(W2WError, match=why):
+        run_notebook(book_root / "book/mini_only.ipynb", book_root / "out.ipynb", sd15)
+    with pytest.raises(W2WError, match=why):
+        check_chapter("mini_only", sd15)                            # the guard a notebook's first cell can call
+    check_chapter("mini_only", load_profile("mini", root=book_root))
+    assert main(["run", "book/mini_only.ipynb", "--profile", "sd15"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("w2w: error: mini_only.ipynb does not run in the sd15 world")
+    assert not (book_root / "out.ipynb").exists() and not (book_root / "_build").exists()
+    with pytest.raises(W2WError, match=r"--only mini_only: mini_only.ipynb does not run in the sd15 world"):
+        build_book(sd15, only=["mini_only"], progress=False)
+
+
+def test_w2w_book_skips_a_chapter_of_another_world_and_says_why(book_root, capsys):
+    assert main(["book", "--profile", "sd15"]) == 0
+    printed = capsys.readouterr().out
+    assert ("skipped book/mini_only.ipynb: mini_only.ipynb does not run in the sd15 world (profile 'sd15'): it builds "
+            "the mini world itself; it runs in: mini\n") in printed
+    runs = {r["path"]: r for r in json.loads((book_root / "_build/runs.json").read_text())}
+    assert runs["book/mini_only.ipynb"]["seconds"] is None and "it builds the mini world" in runs["book/mini_only.ipynb"]["skipped"]
+    assert runs["book/both.ipynb"]["seconds"] is not None and runs["book/both.ipynb"]["skipped"] is None
+    status = (book_root / "_build/src/book/status.md").read_text()
+    assert "## Chapters skipped" in status and "| `book/mini_only.ipynb` | mini_only.ipynb does not run" in status
+    copy = nbformat.read(book_root / "_build/src/book/mini_only.ipynb", as_version=4)
+    assert copy.cells[0].source == "# The mini world" and "not run in this build" in copy.cells[1].source
+    page = (book_root / "_build/html/book/mini_only.html").read_text()
+    assert "This chapter was not run in this build" in page and "it builds the mini world itself" in page
