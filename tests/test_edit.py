@@ -145,6 +145,28 @@ def test_timestep_switch_equals_the_edited_or_original_weights_at_the_extremes(S
     assert not any(getattr(m, BatchedLora._ATTR, None) for m in pipe.unet.modules())   # nothing left attached
 
 
+def test_edit_comparison_edits_held_out_models_that_lack_it_and_strength_0_is_the_unedited_model(S, pipe, dirs):
+    from w2wlib.edit import comparison_rows, edit_comparison, plot_tradeoff
+    from w2wlib.world.encoder import load_encoder
+
+    enc = load_encoder("data/world/identity_encoder")
+    layout = S.dataset.lora_layout(pipe.unet)
+    res = edit_comparison(pipe, enc, S, ["Beard"], [0, 6], n_rows=2, n_images=1, directions=dirs, steps=3,
+                          layout=layout)
+    assert sorted(res) == [("Beard", "pca"), ("Beard", "vae")]
+    val = S.val_rows.numpy()
+    rows = [int(r) for r in S.val_rows[S.dataset.attributes["Beard"][val] == 0][:2]]
+    unedited = generate(pipe, S.dataset.rows(rows), n_per_row=1, steps=3, seed=0, layout=layout)
+    for name in ("pca", "vae"):
+        zero, six = res["Beard", name]
+        assert np.array_equal(zero["images"], unedited)                          # strength 0 draws the unedited rows
+        assert zero["others_kept"] == 1.0 and zero["after_rate"] == zero["before_rate"]
+        assert six["strength"] == 6.0 and not np.array_equal(six["images"], unedited)
+    table = comparison_rows(res, " (live)")
+    assert len(table) == 4 and table[0][:3] == ["Beard (live)", "PCA", "0"]
+    assert len(plot_tradeoff(res, res).axes) == 1
+
+
 class _FakeEncoder:
     """Attribute logits and unit embeddings looked up by image value (image i is filled with the value i)."""
 

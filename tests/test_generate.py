@@ -66,8 +66,27 @@ def test_functional_id_scores_pair_images_with_their_identity(pipe, W, micro_wor
     z_r = enc.embed(identity_views(seeds, 2, EVAL_VIEWS)).view(3, 2, -1)
     ref = torch.stack([(z_i[g] @ z_r[g].T).mean() for g in range(3)])
     torch.testing.assert_close(scores, ref, atol=1e-5, rtol=0)
+    again, images = functional_id_scores(pipe, enc, W, seeds, n_images=2, n_renders=2, steps=2, return_images=True)
+    assert np.array_equal(images, imgs) and torch.equal(again, scores)       # the images it scored
     # renders scored against themselves: the same-identity similarity of the encoder
     renders = identity_views(seeds, 2, EVAL_VIEWS)
     assert (identity_scores(enc, renders, renders, 2, 2) > 0.5).all()
     with pytest.raises(W2WError, match="one seed per row"):
         functional_id_scores(pipe, enc, W, seeds[:2])
+
+
+def test_reconstruction_id_scores_score_rows_their_reconstructions_and_the_base(S, shipped_pipe):
+    from w2wlib.world.encoder import load_encoder
+    from w2wlib.world.scoring import reconstruction_id_scores
+
+    enc = load_encoder("data/world/identity_encoder")
+    rows, pca = S.val_rows[:2].tolist(), S.pca.truncated(8)
+    kw = dict(n_images=1, n_renders=1, steps=2, layout=S.dataset.lora_layout(shipped_pipe.unet))
+    scores, recon, images = reconstruction_id_scores(shipped_pipe, enc, S.dataset, rows, {"PCA": pca}, **kw)
+    assert list(scores) == ["own LoRA (oracle)", "PCA", "base model"] and list(images) == list(scores)
+    x = S.dataset.standardise(S.dataset.rows(rows))
+    torch.testing.assert_close(recon["PCA"], pca.unstandardise(pca.decode(pca.encode(x))))
+    seeds = [S.dataset.identity_seeds[r] for r in rows]
+    torch.testing.assert_close(scores["PCA"], functional_id_scores(shipped_pipe, enc, recon["PCA"], seeds, **kw))
+    torch.testing.assert_close(scores["base model"], functional_id_scores(shipped_pipe, enc, None, seeds, **kw))
+    assert images["own LoRA (oracle)"].shape == (2, 64, 64, 3) and images["base model"].shape == (1, 64, 64, 3)

@@ -203,6 +203,44 @@ def test_gradient_inversion_on_the_mini_world_beats_the_base_model(S, shipped_pi
     assert last < first
 
 
+def test_run_comparison_scores_every_row_as_the_separate_calls_do(S, shipped_pipe):
+    """The chapter's and the benchmark's one call: its rows equal invert + score_models made by hand."""
+    from w2wlib.invert import comparison_methods
+    from w2wlib.invert.evaluate import run_comparison, score_models
+    from w2wlib.world.encoder import load_encoder
+    from w2wlib.world.render import EVAL_VIEWS, identity_views
+
+    pipe, enc = shipped_pipe, load_encoder("data/world/identity_encoder")
+    seeds = S.dataset.held_out_seeds[:2]
+    inputs, masks = render_ids(seeds, [500, 500], return_mask=True)
+    refs = identity_views(seeds, 1, EVAL_VIEWS)
+    layout = S.dataset.lora_layout(pipe.unet)
+    sizes = dict(steps=2, w2w_steps=2, generations=1)
+    cmp = run_comparison(pipe, enc, S, inputs, masks, refs, seeds, **sizes, n_ceiling=1, ceiling_steps=1,
+                         n_images=1, inference_steps=2, layout=layout)
+    methods = comparison_methods(S.vae.latent_dim, **sizes)
+    assert list(cmp.results) == list(methods) and cmp.spaces == {n: sp for n, (sp, _) in methods.items()}
+    assert list(cmp.scores)[len(methods):] == ["floor: base model", "floor: another identity's inversion",
+                                               "DreamBooth on the one input (unconstrained)"]
+    name = "PCA, gradient (w2w's recipe)"
+    space, cfg = methods[name]
+    res = invert(pipe, S.space(space), to_tensor(inputs), cfg=cfg, masks=torch.from_numpy(masks), keys=seeds,
+                 layout=layout, progress=False)
+    torch.testing.assert_close(cmp.results[name].W, res.W)
+    ref = score_models(pipe, enc, res.W, refs, inputs, layout=layout, **cmp.score_kw)
+    torch.testing.assert_close(cmp.scores[name]["id"], ref["id"])
+    base = score_models(pipe, enc, None, refs, inputs, **cmp.score_kw)
+    torch.testing.assert_close(cmp.scores["floor: base model"]["id"], base["id"])
+    rows = cmp.rows()
+    assert len(rows) == len(methods) + 4 and rows[-1][0] == cmp.ceiling_name and cmp.n_ceiling == 1
+    record = cmp.record(seeds)
+    assert record["best"] == cmp.best and [m["name"] for m in record["methods"]] == list(methods)
+    assert cmp.ceiling_name in record["references"] and record["n"] == 2
+    with_record = cmp.rows(record)                   # a last column: the same row's ID in a recorded run
+    assert [r[-1] for r in with_record] == [*(m["id_mean"] for m in record["methods"]),
+                                            *(v["id_mean"] for v in record["references"].values())]
+
+
 def test_w2w_invert_command(tmp_path):
     """`w2w invert` on a render and on a user's grayscale PNG, into the shipped spaces."""
     from w2wlib.cli import main

@@ -11,7 +11,7 @@ import torch
 from w2wlib.data import save_weights
 from w2wlib.errors import ArtifactMissingError, W2WError
 from w2wlib.lora import LoraLayout
-from w2wlib.spaces import PCASpace, VAEConfig, VAESpace, WeightSpace, active_units, load_space
+from w2wlib.spaces import PCASpace, VAEConfig, VAESpace, WeightSpace, active_units, load_space, variance_shares
 from w2wlib.spaces.base import CONFIG_FILE, TENSORS_FILE
 
 MODULES = [("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 64, 64),
@@ -71,6 +71,19 @@ def test_randomized_pca_matches_exact_on_low_rank_plus_noise():
     # spectral gap (s_8 / s_9 ~ 13) leaves float32 rounding (~3e-6 here) as the only error
     torch.testing.assert_close(rand.coeff_mean, exact.coeff_mean, atol=1e-4, rtol=0)
     assert rand.total_variance == pytest.approx(exact.total_variance, rel=1e-6)
+
+
+def test_variance_shares_match_numpy_svd_in_both_shapes():
+    """The spectrum from the Gram matrix equals the centred matrix's squared singular values, N < D and N > D."""
+    for n, d in ((60, 90), (90, 60)):
+        x = low_rank(n, d, 5, 0.2, seed=n) + 3.0                       # off-centre: the function centres
+        s = np.linalg.svd(x.double().numpy() - x.double().numpy().mean(0), compute_uv=False) ** 2
+        np.testing.assert_allclose(variance_shares(x, 10).numpy(), (s / s.sum())[:10], rtol=1e-5, atol=1e-9)
+        assert len(variance_shares(x)) == min(n, d)
+    exact = PCASpace.fit(x - x.mean(0), 7, method="exact")              # the PCA's own shares, on centred rows
+    np.testing.assert_allclose(variance_shares(x, 7).numpy(), exact.explained_variance_ratio.numpy(), rtol=1e-5)
+    with pytest.raises(W2WError, match=r"x must be \[N, D\] rows with N >= 2"):
+        variance_shares(torch.zeros(1, 4))
 
 
 def test_full_rank_round_trip_is_exact():

@@ -32,7 +32,8 @@ import torch
 from .errors import W2WError
 
 __all__ = ["Direction", "AttributeDirections", "least_squares_direction", "debias_direction", "edit_weights",
-           "edit_scores", "edit_sweep", "edit_to_folder", "check_edit_args", "read_lora", "SWITCH_T"]
+           "edit_scores", "edit_sweep", "edit_comparison", "comparison_rows", "plot_tradeoff", "edit_to_folder",
+           "check_edit_args", "read_lora", "SWITCH_T"]
 
 SWITCH_T = 800  # timestep from which the edited weights draw (out of 1,000): the first fifth keeps the layout
 
@@ -226,6 +227,7 @@ def edit_sweep(pipe, encoder, space, W: torch.Tensor, direction: Direction, stre
 
     The unedited images use noise ``seed``, the references noise ``seed + 1``; every edit is drawn with
     the timestep switch at ``switch_t``. The sign of a strength sets the target (+: the attribute present).
+    Strength 0 is the unedited model (:func:`edit_weights` returns ``W`` itself): its images are the unedited ones.
     """
     from tqdm.auto import tqdm
 
@@ -237,10 +239,64 @@ def edit_sweep(pipe, encoder, space, W: torch.Tensor, direction: Direction, stre
     out = []
     for s in tqdm(strengths, desc=f"edit {direction.attribute} ({direction.space})", disable=not progress):
         W_edit, _ = edit_weights(space, W, direction, s)
-        after = generate(pipe, W, seed=seed, edited=W_edit, switch_t=switch_t, **kw)
+        after = before if s == 0 else generate(pipe, W, seed=seed, edited=W_edit, switch_t=switch_t, **kw)
         out.append({"strength": float(s), **edit_scores(encoder, before, after, refs, direction.attribute,
                                                           int(s >= 0), n_images), "images": after})
     return out
+
+
+def edit_comparison(pipe, encoder, spaces, attributes: Sequence[str], strengths: Sequence[float], *, n_rows: int = 8,
+                    n_images: int = 3, seed: int = 0, switch_t: int = SWITCH_T, min_corr: float = 0.2,
+                    directions: dict | None = None, **draw) -> dict[tuple[str, str], list[dict]]:
+    """PCA against VAE at matched strength: each attribute added to the first ``n_rows`` held-out models that
+    lack it (by their labels), in each space, at every strength (:func:`edit_sweep`).
+
+    ``spaces``: the shipped :class:`~w2wlib.spaces.shipped.Spaces`; ``directions``: ``{"pca": ..., "vae": ...}``
+    :class:`AttributeDirections` (fit here when ``None``), debiased against attributes correlated above
+    ``min_corr``; ``draw``: ``prompt``, ``steps``, ``guidance``, ``layout`` of the images. Returns
+    ``{(attribute, space): [one dict per strength]}``. The chapter "Editing" and ``benchmarks/editing.py`` call it.
+    """
+    directions = directions or {name: AttributeDirections.fit(spaces, name) for name in ("pca", "vae")}
+    ds, val = spaces.dataset, spaces.val_rows
+    out = {}
+    for a in attributes:
+        rows = [int(r) for r in val[ds.attributes[a][val.numpy()] == 0][:n_rows]]
+        for name, dirs in directions.items():
+            d = dirs.direction(a, min_corr=min_corr)
+            out[a, name] = edit_sweep(pipe, encoder, spaces.space(name), ds.rows(rows), d, strengths,
+                                      n_images=n_images, seed=seed, switch_t=switch_t, **draw)
+    return out
+
+
+def comparison_rows(results: dict, label: str = "") -> list[list]:
+    """Table rows of :func:`edit_comparison`'s results: attribute (+ ``label``), space, strength, then the scores."""
+    return [[a + label, name.upper(), f"{r['strength']:g}", r["flip_rate"], r["id_kept"], r["others_kept"],
+             r["before_rate"], r["after_rate"]] for (a, name), res in results.items() for r in res]
+
+
+def plot_tradeoff(recorded: dict, live: dict | None = None):
+    """Flip rate against identity kept, one panel per attribute: ``recorded`` results as lines (strengths
+    annotated), ``live`` ones as crosses; both ``{(attribute, space): [per strength]}``."""
+    import matplotlib.pyplot as plt
+
+    live = live or {}
+    attrs = list(dict.fromkeys([a for a, _ in recorded] + [a for a, _ in live]))
+    fig, axes = plt.subplots(1, len(attrs), figsize=(5.5 * len(attrs), 3.8), squeeze=False)
+    for ax, a in zip(axes[0], attrs):
+        for i, name in enumerate(("pca", "vae")):
+            for res, style, tag in ((recorded.get((a, name)), "o-" if i == 0 else "s-", "recorded"),
+                                    (live.get((a, name)), "x--", "live")):
+                if not res:
+                    continue
+                x, y = [r["id_kept"] for r in res], [r["flip_rate"] for r in res]
+                ax.plot(x, y, style, color=f"C{i}", ms=8 if tag == "live" else 5, label=f"{name.upper()}, {tag}")
+                for r in res:
+                    ax.annotate(f"{r['strength']:g}", (r["id_kept"], r["flip_rate"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        ax.set(xlabel="ID kept (edited vs unedited model)", ylabel=f"flip rate: {a}", title=a)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def read_lora(path: str | os.PathLike, layout) -> torch.Tensor:

@@ -5,11 +5,19 @@ of the person (for the mini world, evaluation renders the method never saw; for 
 and, for comparison, against the input image itself. The references are arguments: nothing here knows
 which world made them. :func:`single_image_dreambooth` is the unconstrained reference w2w compared
 with: a DreamBooth-LoRA trained directly on the one input image, outside any space.
+
+:func:`run_comparison` is the whole comparison of the chapter "Inversion" and ``benchmarks/p3_inversion.py``:
+every method of :func:`~w2wlib.invert.comparison_methods` (and the amortised inverters where the spaces
+ship them), the floors, the single-image DreamBooth and a DreamBooth ceiling on several views, scored alike.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +25,7 @@ import torch
 from ..errors import W2WError
 from ..metrics import bootstrap_ci, identity_scores
 
-__all__ = ["score_models", "summary_row", "single_image_dreambooth"]
+__all__ = ["score_models", "summary_row", "single_image_dreambooth", "run_comparison", "Comparison"]
 
 
 def score_models(pipe, encoder, W: torch.Tensor | None, references: np.ndarray, inputs: np.ndarray | None = None, *,
@@ -63,3 +71,118 @@ def single_image_dreambooth(pipe, images: torch.Tensor, *, steps: int, lr: float
     keys = list(range(len(images))) if keys is None else list(keys)
     return train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe),
                             images[:, None], None, cfg, identity_keys=keys, progress=progress)
+
+
+@dataclass
+class Comparison:
+    """The scored rows of :func:`run_comparison`: methods first, then floors and references, then the ceiling."""
+
+    results: dict[str, Any]                  # method -> its Inversion of the G inputs
+    spaces: dict[str, str]                   # method -> "pca" | "vae"
+    scores: dict[str, dict]                  # row -> score_models' output (methods, floors, references)
+    seconds: dict[str, float]                # row -> seconds per image (methods, the single-image DreamBooth)
+    ceiling: dict | None                     # score_models on the first n_ceiling identities (None: no ceiling)
+    n_ceiling: int
+    ceiling_name: str
+    score_kw: dict = field(default_factory=dict)   # how every row was scored (score_models' keywords)
+
+    @property
+    def best(self) -> str:
+        """The method with the highest mean ID score against the evaluation views."""
+        return max(self.results, key=lambda k: float(self.scores[k]["id"].mean()))
+
+    def best_over_ceiling(self) -> float:
+        """The best method's mean ID over the ceiling's, on the ceiling's identities."""
+        return float(self.scores[self.best]["id"][:self.n_ceiling].mean() / self.ceiling["id"].mean())
+
+    def rows(self, record: dict | None = None) -> list[list]:
+        """:func:`summary_row` of every row, the ceiling last; with ``record`` (a :meth:`record` of another run,
+        e.g. ``benchmarks/p3_inversion.json``) a last cell holds its mean ID for the same row ("—" if absent)."""
+        rows = [summary_row(name, s, self.seconds.get(name)) for name, s in self.scores.items()]
+        rows += [summary_row(self.ceiling_name, self.ceiling)] if self.ceiling is not None else []
+        if record is None:
+            return rows
+        ids = {_row_key(m["name"]): m["id_mean"] for m in record["methods"]}
+        ids.update({_row_key(name): r["id_mean"] for name, r in record["references"].items()})
+        return [[*r, ids.get(_row_key(r[0]), "—")] for r in rows]
+
+    def record(self, keys: Sequence[int]) -> dict:
+        """The JSON record of ``benchmarks/p3_inversion.py`` (read by the chapter "Inversion")."""
+        refs = {k: v for k, v in self.scores.items() if k not in self.results}
+        refs.update({self.ceiling_name: self.ceiling} if self.ceiling is not None else {})
+        return {"n": len(keys), "identity_seeds": [int(k) for k in keys],
+                "methods": [{"name": n, "space": self.spaces[n], "config": r.config,
+                             "seconds_per_image": self.seconds[n], "id_mean": float(self.scores[n]["id"].mean()),
+                             "id": self.scores[n]["id"].tolist(),
+                             "id_input_mean": float(self.scores[n]["id_input"].mean())}
+                            for n, r in self.results.items()],
+                "references": {k: {"id_mean": float(v["id"].mean()), "id": v["id"].tolist()} for k, v in refs.items()},
+                "best": self.best, "best_over_ceiling": self.best_over_ceiling() if self.ceiling is not None else None,
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__}
+
+
+def _row_key(name: str) -> str:
+    """A row's name without the parts that differ between runs: "(unconstrained)", "(16 identities)"."""
+    return re.sub(r" \((unconstrained|\d+ identities)\)$", "", name)
+
+
+def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray, references: np.ndarray,
+                   keys: Sequence[int], *, steps: int = 150, w2w_steps: int = 400, generations: int = 60,
+                   snapshots: int = 0, amortised_steps: int = 20, n_ceiling: int = 16, ceiling_steps: int = 600,
+                   n_images: int = 4, inference_steps: int = 25, guidance: float = 4.0, seed: int = 0,
+                   layout=None) -> Comparison:
+    """Invert ``inputs`` (uint8 ``[G, H, W, 3]``, face ``masks [G, H, W]``) by every method and score all alike.
+
+    ``spaces``: the shipped :class:`~w2wlib.spaces.shipped.Spaces`; ``keys``: the identities' seeds (random
+    streams, and the views of the ceiling's DreamBooth, :func:`w2wlib.dataset_build.fine_tune`);
+    ``references``: ``[G * n_refs, H, W, 3]`` views no method sees. Methods: :func:`~w2wlib.invert.comparison_methods`
+    at ``steps`` / ``w2w_steps`` / ``generations``, and each shipped amortised inverter, alone and followed by
+    ``amortised_steps`` gradient steps. Floors: the base model, another identity's inversion (the best method's,
+    rolled by one). References: a DreamBooth-LoRA on the one input with ``steps`` steps, and on the first
+    ``n_ceiling`` identities (0: none) one on their training views for ``ceiling_steps``, without prior.
+    ``snapshots``: latents kept along each search (for ID-against-step figures).
+
+    >>> cmp = run_comparison(pipe, enc, S, inputs, masks, refs, seeds, steps=3, n_ceiling=1)   # doctest: +SKIP
+    >>> print(markdown_table(["method", "ID", "95 % CI", "ID (input)", "s / image"], cmp.rows()))  # doctest: +SKIP
+    """
+    from ..dataset_build import DatasetConfig, fine_tune
+    from ..viz import to_tensor
+    from . import InversionConfig, comparison_methods, invert
+    from .amortised import AmortisedInverter, predict_inversion
+
+    x, m = to_tensor(inputs), torch.as_tensor(masks)
+    keys = [int(k) for k in keys]
+    score = dict(n_images=n_images, n_refs=len(references) // len(inputs), seed=seed, steps=inference_steps,
+                 guidance=guidance)
+    results, where = {}, {}
+    for name, (space, cfg) in comparison_methods(spaces.vae.latent_dim, steps=steps, w2w_steps=w2w_steps,
+                                                 generations=generations, snapshots=snapshots).items():
+        results[name] = invert(pipe, spaces.space(space), x, cfg=cfg, masks=m, keys=keys, layout=layout, progress=False)
+        where[name] = space
+    amortised = spaces.folder / "amortised"
+    for space in ("pca", "vae") if amortised.is_dir() else ():
+        net = AmortisedInverter.load(amortised / space)
+        results[f"{space.upper()}, amortised"] = first = predict_inversion(spaces.space(space), net, x)
+        cfg = InversionConfig(k=net.config.k, steps=amortised_steps, lr=0.05)
+        results[f"{space.upper()}, amortised + {amortised_steps} steps"] = invert(
+            pipe, spaces.space(space), x, cfg=cfg, masks=m, keys=keys, layout=layout, u0=first.u, progress=False)
+        where[f"{space.upper()}, amortised"] = where[f"{space.upper()}, amortised + {amortised_steps} steps"] = space
+    scores = {name: score_models(pipe, encoder, r.W, references, inputs, layout=layout, **score)
+              for name, r in results.items()}
+    seconds = {name: r.seconds_per_image for name, r in results.items()}
+    best = max(scores, key=lambda k: float(scores[k]["id"].mean()))
+    scores["floor: base model"] = score_models(pipe, encoder, None, references, inputs, **score)
+    scores["floor: another identity's inversion"] = score_models(pipe, encoder, results[best].W.roll(1, 0), references,
+                                                                 inputs, layout=layout, **score)
+    t0 = time.perf_counter()
+    W_single = single_image_dreambooth(pipe, x, steps=steps, lr=2e-3, keys=keys)
+    name = "DreamBooth on the one input (unconstrained)"
+    seconds[name] = (time.perf_counter() - t0) / len(keys)
+    scores[name] = score_models(pipe, encoder, W_single, references, inputs, **score)
+    recipe = DatasetConfig.preset("mini")
+    n_c, ceiling, views = min(n_ceiling, len(keys)), None, recipe.dreambooth_config().images_per_identity
+    if n_c:
+        W_c = fine_tune(pipe, keys[:n_c], recipe, None, steps=ceiling_steps, prior_loss_weight=0.0, progress=False)
+        ceiling = score_models(pipe, encoder, W_c, references[:n_c * score["n_refs"]], inputs[:n_c], **score)
+    return Comparison(results, where, scores, seconds, ceiling, n_c,
+                      f"ceiling: DreamBooth on {views} views ({n_c} identities)", score_kw=score)

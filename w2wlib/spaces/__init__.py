@@ -17,8 +17,8 @@ Example:
 """
 
 from .base import CONFIG_FILE, TENSORS_FILE, WeightSpace, active_units, load_space
-from .pca import PCASpace
+from .pca import PCASpace, variance_shares
 from .vae import SD15_DIM, VAEConfig, VAESpace, WeightVAE
 
 __all__ = ["WeightSpace", "PCASpace", "VAESpace", "VAEConfig", "WeightVAE", "load_space", "active_units",
-           "SD15_DIM", "CONFIG_FILE", "TENSORS_FILE"]
+           "variance_shares", "SD15_DIM", "CONFIG_FILE", "TENSORS_FILE"]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import W2WError
 from .base import WeightSpace, _check_sample_args, _StdRows
 
-__all__ = ["PCASpace"]
+__all__ = ["PCASpace", "variance_shares"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,27 @@ class PCASpace(WeightSpace):
 
 
 # ---------------------------------------------------------------------- the two methods
+
+
+def variance_shares(x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Each top principal component's share of the total variance of rows ``x [N, D]`` (centred here): ``[k]``.
+
+    Exact, and only the spectrum: the eigenvalues of the smaller Gram matrix (``N x N`` or ``D x D``) in
+    float64, which costs a fraction of a full SVD (seconds for 4,096 x 5,376 on one CPU thread).
+
+    >>> x = torch.randn(300, 20, generator=torch.Generator().manual_seed(0))
+    >>> s = torch.linalg.svdvals(x - x.mean(0)) ** 2
+    >>> bool(torch.allclose(variance_shares(x, 5), (s / s.sum())[:5].float(), atol=1e-6))
+    True
+    """
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or len(x) < 2:
+        raise W2WError(f"x must be [N, D] rows with N >= 2, not {tuple(x.shape)}")
+    a = x.double() - x.double().mean(0)
+    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a                   # [min(N, D), min(N, D)]
+    ev = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)                    # descending
+    k = len(ev) if k is None else min(k, len(ev))
+    return (ev[:k] / ev.sum()).float()
 
 
 def _exact(src: _StdRows, idx: torch.Tensor, k: int, batch_size: int):
