@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import time
 
-import torch
 
 
 def main() -> None:
@@ -27,6 +24,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/beta_schedules.json")
     args = ap.parse_args()
 
+    from w2wlib.records import write_record
     from w2wlib.schedules import compare_schedules, schedule_rows, schedule_runs
     from w2wlib.spaces.shipped import open_spaces
     from w2wlib.viz import markdown_table
@@ -41,12 +39,10 @@ def main() -> None:
         results.update(compare_schedules(vae_cfg, ds, {name: run}, seed=cfg.seed))
         print(markdown_table(["schedule", "held-out MSE", "KL (nats)", "active units", "units over 0.1 nats"],
                              schedule_rows({name: results[name]})).splitlines()[-1], flush=True)
-    out = {"steps": args.steps, "dataset": {"n": len(ds), "dim": ds.dim}, "seed": cfg.seed,
+    out = {"steps": args.steps, "seed": cfg.seed,
            "runs": {name: {**r, "config": dataclasses.asdict(runs[name])} for name, r in results.items()},
-           "seconds": round(time.perf_counter() - t0, 1),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+           "seconds": round(time.perf_counter() - t0, 1)}
+    write_record(args.out, out, S.dataset)
     print(markdown_table(["schedule", "held-out MSE", "KL (nats)", "active units", "units over 0.1 nats"],
                          schedule_rows(results)))
 

@@ -11,11 +11,8 @@ attributes unchanged). Writes ``--out`` (JSON, read by the chapter) and prints a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
-import torch
 
 
 def main() -> None:
@@ -32,6 +29,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/editing.json")
     args = ap.parse_args()
 
+    from w2wlib.records import write_record
+    from w2wlib.world.pipeline import world_guidance
     from w2wlib.edit import comparison_rows, edit_comparison
     from w2wlib.sampling import instance_prompt
     from w2wlib.spaces.shipped import open_spaces
@@ -41,20 +40,19 @@ def main() -> None:
 
     S = open_spaces(args.spaces, args.dataset)
     pipe, enc = load_pipeline(f"{args.world}/pipeline"), load_encoder(f"{args.world}/identity_encoder")
+    guidance = world_guidance(args.world)                 # the world's own CFG scale
     pipe.set_progress_bar_config(disable=True)
     ds = S.dataset
     t0 = time.perf_counter()
     results = edit_comparison(pipe, enc, S, args.attributes, args.strengths, n_rows=args.rows, n_images=args.images,
                               seed=0, switch_t=args.switch_t, min_corr=args.min_corr, prompt=instance_prompt(ds),
-                              steps=25, guidance=4.0, layout=ds.lora_layout(pipe.unet))
-    out = {"dataset": {"n": len(ds), "dim": ds.dim}, "attributes": args.attributes, "n_rows": args.rows,
+                              steps=25, guidance=guidance, layout=ds.lora_layout(pipe.unet))
+    out = {"attributes": args.attributes, "n_rows": args.rows,
            "n_images": args.images, "strengths": args.strengths, "switch_t": args.switch_t, "min_corr": args.min_corr,
            "results": {f"{a}|{name}": [{k: v for k, v in r.items() if k != "images"} for r in res]
                        for (a, name), res in results.items()},
-           "seconds": round(time.perf_counter() - t0, 1),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+           "seconds": round(time.perf_counter() - t0, 1)}
+    write_record(args.out, out, S.dataset)
     print(markdown_table(["edited attribute", "space", "strength", "flip rate", "ID kept", "others unchanged",
                           "present before", "present after"], comparison_rows(results)))
 

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import time
 
-import torch
 
 
 def main() -> None:
@@ -34,6 +31,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/latent_space.json")
     args = ap.parse_args()
 
+    from w2wlib.records import write_record
+    from w2wlib.world.pipeline import world_guidance
     from w2wlib.metrics import reconstruction_mse
     from w2wlib.sampling import instance_prompt
     from w2wlib.spaces import VAESpace
@@ -63,21 +62,20 @@ def main() -> None:
         print(f"k = {s}: PCA {sizes[s]['pca']:.4f}, VAE {sizes[s]['vae']:.4f} ({sizes[s]['seconds']} s)", flush=True)
 
     pipe, enc = load_pipeline(f"{args.world}/pipeline"), load_encoder(f"{args.world}/identity_encoder")
+    guidance = world_guidance(args.world)                 # the world's own CFG scale
     pipe.set_progress_bar_config(disable=True)
     rows = S.val_rows[: args.identities].tolist()
     spaces = {"PCA (w2w)": S.pca.truncated(min(k, S.pca.latent_dim)), "VAE (w2w++)": S.vae}
     t0 = time.perf_counter()
     scores, _, _ = reconstruction_id_scores(pipe, enc, ds, rows, spaces, n_images=args.images, n_renders=args.images,
-                                         seed=0, steps=25, guidance=4.0, prompt=instance_prompt(ds),
+                                         seed=0, steps=25, guidance=guidance, prompt=instance_prompt(ds),
                                          layout=ds.lora_layout(pipe.unet))
-    out = {"dataset": {"n": len(ds), "dim": ds.dim}, "sizes": {str(s): v for s, v in sizes.items()},
+    out = {"sizes": {str(s): v for s, v in sizes.items()},
            "recipe_steps": recipe.steps,
-           "functional": {"n": len(rows), "rows": rows, "k": k, "n_images": args.images, "steps": 25, "guidance": 4.0,
+           "functional": {"n": len(rows), "rows": rows, "k": k, "n_images": args.images, "steps": 25, "guidance": guidance,
                           "scores": {name: v.tolist() for name, v in scores.items()},
-                          "seconds": round(time.perf_counter() - t0, 1)},
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+                          "seconds": round(time.perf_counter() - t0, 1)}}
+    write_record(args.out, out, S.dataset)
     print(markdown_table(["k", "PCA", "VAE"], [[s, v["pca"], v["vae"]] for s, v in sizes.items()], digits=4))
     print(markdown_table(["weights", "ID score", "s.e."],
                          [[n, float(v.mean()), float(v.std() / len(v) ** 0.5)] for n, v in scores.items()]))

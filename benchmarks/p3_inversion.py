@@ -15,7 +15,6 @@ the chapter "Inversion") and prints a Markdown table. From the repo root:
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def main() -> None:
@@ -30,6 +29,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/p3_inversion.json")
     args = ap.parse_args()
 
+    from w2wlib.records import write_record
+    from w2wlib.world.pipeline import world_guidance
     from w2wlib.invert.evaluate import run_comparison
     from w2wlib.spaces.shipped import open_spaces
     from w2wlib.viz import markdown_table
@@ -44,10 +45,10 @@ def main() -> None:
     refs = identity_views(seeds, args.images, EVAL_VIEWS)
     cmp = run_comparison(pipe, enc, S, inputs, masks, refs, seeds, steps=args.steps, w2w_steps=args.w2w_steps,
                          generations=args.generations, n_images=args.images, n_ceiling=args.ceiling,
-                         ceiling_steps=args.ceiling_steps, layout=S.dataset.lora_layout(pipe.unet))
+                         ceiling_steps=args.ceiling_steps, guidance=world_guidance("data/world"),
+                         layout=S.dataset.lora_layout(pipe.unet))
     out = cmp.record(seeds)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_record(args.out, out, S.dataset)
     print(markdown_table(["method", "ID (eval views)", "95 % CI", "ID (input)", "s / image"], cmp.rows()))
     print(f"best: {cmp.best}, {out['best_over_ceiling']:.2f} of the {cmp.ceiling_name}")
 

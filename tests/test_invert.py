@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,6 +262,50 @@ def test_w2w_invert_command(tmp_path):
     assert main(args) == 1                                     # the folders exist now
     (tmp_path / "file").write_text("x")
     assert main([*args[:-4], "--out", str(tmp_path / "file"), "--device", "cpu"]) == 1
+
+
+def test_w2w_invert_amortised_command(tmp_path, capsys):
+    """`w2w invert --method amortised`: the shipped inverter's one forward pass (or that answer refined), written
+    as the other methods write; without a shipped inverter, or with --k, one line that says the fix."""
+    from safetensors.torch import load_file
+
+    from w2wlib.cli import main
+    from w2wlib.invert.amortised import AmortisedConfig, AmortisedInverter, predict_inversion
+    from w2wlib.spaces.shipped import open_spaces
+
+    root = Path(__file__).resolve().parent.parent
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    for part in ("pca", "vae", "split.json", "manifest.json"):
+        (spaces / part).symlink_to(root / "data" / "spaces" / part)
+    net = AmortisedInverter(AmortisedConfig(space="pca", k=8, channels=(8, 8)))
+    net.save(spaces / "amortised" / "pca")
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"settings:\n  world_dir: {root / 'data' / 'world'}\n  dataset_dir: {root / 'data' / 'dataset'}\n"
+                       f"  spaces_dir: {spaces}\n  device: cpu\n")
+    face = render_ids([10**9 + 9], [2])[0]
+    Image.fromarray(face).save(tmp_path / "face.png")
+    base = ["invert", str(tmp_path / "face.png"), "--space", "pca", "--method", "amortised", "--preview", "2",
+            "--profile", str(profile)]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    S = open_spaces(spaces, root / "data" / "dataset")
+    want = predict_inversion(S.pca, AmortisedInverter.load(spaces / "amortised" / "pca"), load_images([tmp_path / "face.png"], 64))
+    got = load_file(str(tmp_path / "a" / "face" / "latent.safetensors"))
+    torch.testing.assert_close(next(iter(got.values())).reshape(1, -1), want.z)
+    info = json.loads((tmp_path / "a" / "face" / "info.json").read_text())
+    assert info["inversion"]["method"] == "amortised" and info["inversion"]["k"] == 8
+    assert main([*base, "--steps", "2", "--out", str(tmp_path / "b")]) == 0          # refined by 2 gradient steps
+    info = json.loads((tmp_path / "b" / "face" / "info.json").read_text())
+    assert info["inversion"]["method"] == "amortised + 2 gradient steps" and info["inversion"]["steps"] == 2
+    refined = next(iter(load_file(str(tmp_path / "b" / "face" / "latent.safetensors")).values())).reshape(1, -1)
+    assert not torch.equal(refined, want.z) and torch.equal(refined[:, 8:], want.z[:, 8:])   # only the net's k moved
+    capsys.readouterr()
+    assert main([*base, "--k", "4", "--out", str(tmp_path / "c")]) == 1
+    assert "takes neither --recipe nor --k" in capsys.readouterr().err
+    assert main([*base[:3], "vae", *base[4:], "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "no amortised inverter for the vae space" in err and "w2w spaces build" in err
+    assert not (tmp_path / "c").exists()
 
 
 # --------------------------------------------------------------------------- amortised

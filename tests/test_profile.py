@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from w2wlib import ProfileError, list_profiles, load_profile
+from w2wlib import ProfileError, W2WError, list_profiles, load_profile
 from w2wlib.profile import parse_value
 
 
@@ -132,7 +132,29 @@ def test_shared_settings_are_checked_on_load_and_override(tmp_path):
             load_profile(bad)
     bad.write_text("settings:\n  data_dir: x\n  sampler: {steps: 10}\n")
     p = load_profile(bad)                                       # a partial group keeps the other defaults
-    assert p.get("sampler.steps") == 10 and p.get("sampler.guidance") == 4.0 and p.get("world") == "mini"
+    assert p.get("sampler.steps") == 10 and p.get("sampler.guidance") is None and p.get("world") == "mini"
     assert load_profile("sd15", {"sampler.guidance": 2}).get("sampler.guidance") == 2.0
     with pytest.raises(ProfileError, match="pca_k=0; it must be an int >= 1"):
         load_profile("sd15", {"pca_k": 0})
+
+
+def test_guidance_is_the_profiles_or_the_worlds_own(tmp_path):
+    import json
+
+    world = tmp_path / "world"
+    world.mkdir()
+    prof = tmp_path / "p.yaml"
+    prof.write_text(f"settings:\n  world_dir: {world}\n")
+    assert load_profile(prof).guidance == 4.0                                   # no manifest: 4.0
+    (world / "manifest.json").write_text(json.dumps({"config": {"guidance": 7.5}}))
+    assert load_profile(prof).guidance == 7.5                                   # the world's own
+    assert load_profile(prof, {"sampler.guidance": 2}).guidance == 2.0          # the profile's, when set
+    assert load_profile("sd15").guidance == 3.0
+    shipped = json.loads((load_profile("mini").path("world_dir") / "manifest.json").read_text())["config"]
+    assert load_profile("mini").guidance == shipped.get("guidance", 4.0)
+    (world / "manifest.json").write_text("{not json")
+    with pytest.raises(W2WError, match=r"not a readable world manifest .* \(-p sampler.guidance 7.5\)"):
+        load_profile(prof).guidance
+    for bad in ("'strong'", "-1", "true"):
+        with pytest.raises(ProfileError, match="sampler.guidance=.*; it must be a number >= 0"):
+            load_profile(prof, {"sampler.guidance": __import__("yaml").safe_load(bad)})

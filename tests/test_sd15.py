@@ -79,6 +79,13 @@ def test_the_sd15_preset_is_w2ws_pca_and_the_seeds_vae():
         SpacesConfig(pca={"niter": 20})
 
 
+def test_the_public_files_are_prompted_as_w2w_trained_them(public, root):
+    from w2wlib.sampling import instance_prompt
+
+    assert instance_prompt(open_weights(public)) == "sks person"                   # w2w's train.sh; the files record none
+    assert instance_prompt(open_weights(root / "data" / "dataset")) == "a photo of sks person"   # ours: its record
+
+
 def test_the_streaming_pca_matches_an_exact_svd_and_reads_bounded_blocks(public):
     ds = open_weights(public)
     cfg = SpacesConfig.preset("sd15")
@@ -131,6 +138,10 @@ def test_spaces_build_sd15_refuses_a_dataset_too_small_before_any_work(public, t
     assert "spaces config 'sd15' keeps pca_k=10,000 components" in err and "54 training identities (of 60)" in err
     assert "pca_k <= 54" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()                                          # refused before any stage wrote anything
+    # without --config, the sd15 profile's spaces_config (sd15) is the preset
+    assert main(["spaces", "build", "--profile", "sd15", "--dataset", str(public), "--out", str(out),
+                 "--device", "cpu"]) == 1
+    assert "spaces config 'sd15' keeps pca_k=10,000" in capsys.readouterr().err and not out.exists()
     with pytest.raises(W2WError, match=r"batches of 64, but .* only 54 training identities"):
         dataclasses.replace(SpacesConfig.preset("sd15"), pca_k=8).check_fits(N, SD15_DIM)
 

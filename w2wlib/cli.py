@@ -9,7 +9,7 @@
     w2w spaces build [--config mini|micro|sd15] [--out DIR] [--dataset DIR]  fit the PCA, train the VAE (resumable)
     w2w verify [DIR ...]                                          every artifact folder's files against its manifest
                                                                   (default: the profile's data_dir); status 1 if any differs
-    w2w invert IMAGE... [--space pca|vae] [--method gradient|cmaes] [--out DIR]  one model folder per image
+    w2w invert IMAGE... [--space pca|vae] [--method gradient|cmaes|amortised] [--out DIR]  one model folder per image
     w2w sample --space pca|vae -n N --out DIR                    N sampled models, one folder each
     w2w edit --space pca|vae --attribute NAME --strength S (--row I | --lora FILE) --out DIR  an edited model
     w2w export (--row I | --latent FILE) [--space pca|vae] --format diffusers|peft|w2w --out DIR  model files
@@ -126,6 +126,8 @@ def _builder_paths(args: argparse.Namespace, out_key: str, input_flag: str, inpu
     from .stages import portable_path
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
+    if args.config is None:                    # spaces: the preset the profile names (mini, sd15...)
+        args.config = profile.get("spaces_config")
     out = Path(args.out) if args.out else profile.path(out_key)
     given = getattr(args, input_flag)
     source = Path(given) if given else profile.path(input_key)
@@ -169,11 +171,19 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
     over = {k: v for k, v in (("steps", args.steps), ("k", args.k), ("lr", args.lr), ("seed", args.seed)) if v is not None}
-    cfg = InversionConfig.w2w(**over) if args.recipe == "w2w" else InversionConfig(method=args.method, **over)
+    amortised_steps = None
+    if args.method == "amortised":
+        if args.recipe or args.k is not None:
+            raise W2WError("--method amortised takes neither --recipe nor --k: the inverter predicts the k dimensions "
+                           "it was trained for (drop them, or use --method gradient)")
+        amortised_steps = over.pop("steps", 0)
+        cfg = InversionConfig(**over)
+    else:
+        cfg = InversionConfig.w2w(**over) if args.recipe == "w2w" else InversionConfig(method=args.method, **over)
     spaces = open_spaces(profile.path("spaces_dir"), profile.path("dataset_dir"), device=profile.device)
     pipe = load_pipeline(profile.path("world_dir") / "pipeline", device=profile.device)
     for folder in invert_files(args.images, args.out, pipe=pipe, spaces=spaces, space=args.space, cfg=cfg,
-                               n_preview=args.preview, overwrite=args.overwrite):
+                               amortised_steps=amortised_steps, n_preview=args.preview, overwrite=args.overwrite):
         print(folder)
     return 0
 
@@ -279,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what)
         p.add_argument("action", choices=["build"])
         configs = ["mini", "micro", "sd15"] if name == "spaces" else ["mini", "micro"]
-        p.add_argument("--config", default="mini", choices=configs,
-                       help="sizes (micro: tiny, for tests" + ("; sd15: the public w2w files on a GPU)" if name == "spaces" else ")"))
+        p.add_argument("--config", default=None if name == "spaces" else "mini", choices=configs,
+                       help="sizes (micro: tiny, for tests" + ("; sd15: the public w2w files on a GPU; default: the "
+                                                               "profile's spaces_config)" if name == "spaces" else ")"))
         p.add_argument("--out", help=f"output folder (default: the profile's {name}_dir)")
         p.add_argument(f"--{source[0]}", help=f"{source[1]} (default: the profile's {source[2]})")
         p.add_argument("--profile", default="mini")
@@ -290,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invert", help="invert image files into a weight space: one LoRA folder per image")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="square PNG/JPEG face images (resized to the model's size)")
     p.add_argument("--space", default="vae", choices=["pca", "vae"], help="weight space to invert into (default: vae)")
-    p.add_argument("--method", default="gradient", choices=["gradient", "cmaes"], help="search (default: gradient)")
+    p.add_argument("--method", default="gradient", choices=["gradient", "cmaes", "amortised"],
+                   help="search (default: gradient); amortised: the space's shipped inverter, one forward pass")
     p.add_argument("--recipe", choices=["w2w"], help="w2w's own settings (raw PCA coefficients, Adam lr 0.1, 400 steps)")
-    p.add_argument("--steps", type=int, help="optimiser steps or CMA-ES generations")
+    p.add_argument("--steps", type=int, help="optimiser steps or CMA-ES generations; amortised: gradient steps after "
+                                             "its answer (default 0)")
     p.add_argument("--k", type=int, help="search the first k latent dimensions (PCA: top-k components)")
     p.add_argument("--lr", type=float, help="Adam learning rate (gradient)")
     p.add_argument("--seed", type=int, help="root seed of the noise draws")

@@ -59,7 +59,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "sampler": {
         "scheduler": None,    # a diffusers scheduler class name; None = the base model's own scheduler_config
         "steps": 25,          # denoising steps of generated images
-        "guidance": 4.0,      # classifier-free guidance scale
+        "guidance": None,     # classifier-free guidance scale; None = the world's own (Profile.guidance)
         "prompt": None,       # the identity prompt; None = the dataset's instance prompt (its DreamBooth record)
         "negative_prompt": "",  # the prompt of the unconditional branch of guidance ("" = none)
     },
@@ -163,6 +163,9 @@ def _check_settings(name: str, settings: Mapping[str, Any]) -> None:
     k = settings.get("pca_k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise bad("pca_k", "an int >= 1, or null for every stored component")
+    g = (settings.get("sampler") or {}).get("guidance")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0):
+        raise bad("sampler.guidance", "a number >= 0 (1: no guidance), or null for the world's own")
     steps = (settings.get("sampler") or {}).get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise bad("sampler.steps", "an int >= 1")
@@ -238,6 +241,17 @@ class Profile:
             raise ProfileError(f"profile {self.name!r} asks for device {name!r} but MPS is not available here; "
                                f"use device=cpu or auto")
         return device
+
+    @property
+    def guidance(self) -> float:
+        """``settings.sampler.guidance``; where it is null, the world's own
+        (:func:`w2wlib.world.pipeline.world_guidance` of ``world_dir``)."""
+        g = self.get("sampler.guidance")
+        if g is not None:
+            return float(g)
+        from .world.pipeline import world_guidance
+
+        return world_guidance(self.path("world_dir"))
 
     @property
     def dtype(self) -> "torch.dtype":  # noqa: F821

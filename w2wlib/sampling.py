@@ -37,8 +37,10 @@ _SAMPLE_TAG = 0x5A3                  # keeps the sampling stream apart from the 
 
 
 def instance_prompt(ds) -> str:
-    """The prompt the dataset's LoRAs were trained with (w2w's "sks person")."""
-    return (ds.extra.get("dreambooth") or {}).get("instance_prompt", "a photo of sks person")
+    """The prompt the dataset's LoRAs were trained with: its DreamBooth record's, else w2w's "sks person" for the
+    public files (its train.sh; they record none) and our DreamBooth default for a dataset of ours."""
+    default = "sks person" if getattr(ds, "layout", None) == "w2w" else "a photo of sks person"
+    return (ds.extra.get("dreambooth") or {}).get("instance_prompt", default)
 
 
 def check_row(ds, row: int) -> int:

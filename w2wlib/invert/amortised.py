@@ -35,7 +35,7 @@ from ..errors import ArtifactMissingError, W2WError
 from ..optim import adamw
 from ..seeding import generator, seed_int
 
-__all__ = ["AmortisedConfig", "AmortisedInverter", "train_amortised", "predict_inversion"]
+__all__ = ["AmortisedConfig", "AmortisedInverter", "train_amortised", "predict_inversion", "invert_amortised"]
 
 _CONFIG, _WEIGHTS, _CKPT = "config.json", "model.safetensors", "checkpoint.pt"
 
@@ -228,3 +228,25 @@ def predict_inversion(space, net: AmortisedInverter, images) -> "Inversion":  # 
         W = space.decode_weights(z.to(space.device)).cpu()
     return Inversion(z=z, W=W, seconds=time.perf_counter() - t0, u=u,
                      config={"method": "amortised", "space": type(space).__name__, "k": net.config.k})
+
+
+def invert_amortised(pipe, space, net: AmortisedInverter, images, *, steps: int = 0, cfg=None, masks=None,
+                     keys=None, layout=None, progress: bool = True) -> "Inversion":  # noqa: F821
+    """The amortised answer (``steps=0``), or that answer refined by ``steps`` gradient steps (HyperDreamBooth).
+
+    ``images``: float ``[G, 3, H, W]`` in [-1, 1]. The refinement is :func:`w2wlib.invert.invert` over the
+    net's ``k`` dimensions, started at its answer, with ``cfg``'s other settings (default: the gradient
+    defaults); its ``seconds`` include the forward pass.
+    """
+    from . import InversionConfig, invert
+
+    if steps < 0:
+        raise W2WError(f"steps must be >= 0 (0: the forward pass alone); got {steps}")
+    first = predict_inversion(space, net, images)
+    if steps == 0:
+        return first
+    cfg = dataclasses.replace(cfg or InversionConfig(), method="gradient", k=net.config.k, steps=steps, init="encoder")
+    res = invert(pipe, space, images, cfg=cfg, masks=masks, keys=keys, u0=first.u, layout=layout, progress=progress)
+    res.seconds += first.seconds
+    res.config["method"] = f"amortised + {steps} gradient steps"
+    return res

@@ -13,7 +13,6 @@ ship them), the floors, the single-image DreamBooth and a DreamBooth ceiling on 
 
 from __future__ import annotations
 
-import platform
 import re
 import time
 from dataclasses import dataclass, field
@@ -117,8 +116,7 @@ class Comparison:
                              "id_input_mean": float(self.scores[n]["id_input"].mean())}
                             for n, r in self.results.items()],
                 "references": {k: {"id_mean": float(v["id"].mean()), "id": v["id"].tolist()} for k, v in refs.items()},
-                "best": self.best, "best_over_ceiling": self.best_over_ceiling() if self.ceiling is not None else None,
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__}
+                "best": self.best, "best_over_ceiling": self.best_over_ceiling() if self.ceiling is not None else None}
 
 
 def _row_key(name: str) -> str:
@@ -147,8 +145,8 @@ def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray,
     """
     from ..dataset_build import DatasetConfig, fine_tune
     from ..viz import to_tensor
-    from . import InversionConfig, comparison_methods, invert
-    from .amortised import AmortisedInverter, predict_inversion
+    from . import comparison_methods, invert
+    from .amortised import invert_amortised
 
     x, m = to_tensor(inputs), torch.as_tensor(masks)
     keys = [int(k) for k in keys]
@@ -161,11 +159,10 @@ def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray,
         where[name] = space
     amortised = spaces.folder / "amortised"
     for space in ("pca", "vae") if amortised.is_dir() else ():
-        net = AmortisedInverter.load(amortised / space)
-        results[f"{space.upper()}, amortised"] = first = predict_inversion(spaces.space(space), net, x)
-        cfg = InversionConfig(k=net.config.k, steps=amortised_steps, lr=0.05)
-        results[f"{space.upper()}, amortised + {amortised_steps} steps"] = invert(
-            pipe, spaces.space(space), x, cfg=cfg, masks=m, keys=keys, layout=layout, u0=first.u, progress=False)
+        net = spaces.amortised(space)
+        for s in (0, amortised_steps):
+            results[f"{space.upper()}, amortised" + (f" + {s} steps" if s else "")] = invert_amortised(
+                pipe, spaces.space(space), net, x, steps=s, masks=m, keys=keys, layout=layout, progress=False)
         where[f"{space.upper()}, amortised"] = where[f"{space.upper()}, amortised + {amortised_steps} steps"] = space
     scores = {name: score_models(pipe, encoder, r.W, references, inputs, layout=layout, **score)
               for name, r in results.items()}

@@ -18,8 +18,13 @@ def _names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, pipe, spaces, space: str = "vae",
-                 cfg=None, n_preview: int = 4, seed: int = 0, overwrite: bool = False, progress: bool = True) -> list[Path]:
+                 cfg=None, amortised_steps: int | None = None, n_preview: int = 4, seed: int = 0,
+                 overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Invert each image file into ``spaces.space(space)`` (all in one batch) and export one folder each.
+
+    ``cfg`` (an :class:`~w2wlib.invert.InversionConfig`) says how; or, with ``amortised_steps`` set, the
+    space's shipped amortised inverter answers in one forward pass, refined by that many gradient steps
+    (0: none) with ``cfg``'s other settings.
 
     Images are read with :func:`w2wlib.images.load_images` (grayscale and RGBA converted, square
     images resized, the rest refused with the fix). Each folder holds what :func:`w2wlib.export.export_lora`
@@ -29,6 +34,7 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     from ..images import load_images
     from ..viz import to_tensor
     from . import InversionConfig, invert
+    from .amortised import invert_amortised
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -41,7 +47,11 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     arr = load_images(list(paths), size)                                                  # [G, H, W, 3]
     layout = spaces.dataset.lora_layout(pipe.unet)
-    res = invert(pipe, spaces.space(space), to_tensor(arr), cfg=cfg, layout=layout, progress=progress)
+    if amortised_steps is None:
+        res = invert(pipe, spaces.space(space), to_tensor(arr), cfg=cfg, layout=layout, progress=progress)
+    else:
+        res = invert_amortised(pipe, spaces.space(space), spaces.amortised(space), to_tensor(arr),
+                               steps=amortised_steps, cfg=cfg, layout=layout, progress=progress)
     strips = preview_strips(pipe, res.W, layout, prompt=cfg.prompt, n_preview=n_preview, seed=seed, lead=arr,
                             progress=progress)
     written = []

@@ -44,6 +44,19 @@ class Spaces:
             raise W2WError(f"unknown space {name!r}: choose pca or vae")
         return getattr(self, name)
 
+    def amortised(self, name: str):
+        """The amortised inverter of space ``name`` that ``w2w spaces build`` shipped in ``amortised/<name>``."""
+        from ..invert.amortised import AmortisedInverter
+
+        self.space(name)
+        folder = self.folder / "amortised" / name
+        if not folder.is_dir():
+            raise ArtifactMissingError(
+                f"{self.folder} has no amortised inverter for the {name} space ({folder} is missing): build it with "
+                f"`w2w spaces build --dataset {self.dataset.folder} --out {self.folder}` (it trains one per space "
+                f"on datasets of the mini world), or use --method gradient or cmaes")
+        return AmortisedInverter.load(folder, device=self.space(name).device)
+
     @property
     def config(self):
         from .build import SpacesConfig

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArtifactMissingError
+from ..errors import ArtifactMissingError, W2WError
 from ..optim import adamw
 from ..viz import to_tensor
 from . import render
@@ -34,7 +34,7 @@ from .text import PromptMix, identity_prompt, write_tokenizer_files
 
 __all__ = ["AutoencoderConfig", "UNetConfig", "make_tokenizer", "make_text_encoder", "make_autoencoder", "make_unet",
            "make_schedulers", "train_autoencoder", "encode_latents", "train_unet", "save_pipeline", "load_pipeline",
-           "render_batch", "autoencode", "TRAIN_IDENTITY_SEEDS"]
+           "render_batch", "autoencode", "world_guidance", "TRAIN_IDENTITY_SEEDS"]
 
 log = logging.getLogger(__name__)
 
@@ -289,3 +289,19 @@ def load_pipeline(folder: Path, *, device: torch.device | str = "cpu", dtype: to
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def world_guidance(world: Path) -> float:
+    """The classifier-free guidance scale the world in ``world`` is sampled at: the one its quality gates were
+    measured at (``config.guidance`` in its ``manifest.json``), or 4.0 for a world that records none."""
+    import json
+
+    manifest = Path(world) / "manifest.json"
+    if not manifest.is_file():
+        return 4.0
+    try:
+        g = json.loads(manifest.read_text())["config"].get("guidance")
+    except (ValueError, KeyError, AttributeError) as err:
+        raise W2WError(f"{manifest} is not a readable world manifest ({err}); rebuild the world with "
+                       f"`w2w world build`, or give the scale (-p sampler.guidance 7.5)") from err
+    return 4.0 if g is None else float(g)
