@@ -122,3 +122,38 @@ def test_the_shipped_dataset_loads_both_ways_and_its_rows_generate_their_identit
         own.append(float(identity_scores(enc, gen, renders, n, n)[0]))
         floor.append(float(identity_scores(enc, base, renders, n, n)[0]))
     assert np.mean(own) > np.mean(floor) + 0.08, (own, floor)
+
+
+def test_the_staged_dataset_and_spaces_of_the_rebuilt_world():
+    """data/next/dataset and data/next/spaces (issue 12; staged beside data/ until the three move together):
+    intact, built on data/next/world with today's mini presets, stored in float16, and the pinning the
+    dataset's oracle measured at build time on 256 identities x 6 unseen noise seeds and evaluation views
+    (never recomputed here). The issue's targets are own ID >= 0.6, gap >= 0.5 and >= 98 % of identities
+    above both floors; the floors asserted are the measured figures (see data/README.md)."""
+    from safetensors import safe_open
+
+    from w2wlib import project_root
+    from w2wlib.spaces.build import SpacesConfig
+    from w2wlib.spaces.shipped import open_spaces
+
+    root = project_root() / "data" / "next"
+    folder, world, spaces = root / "dataset", root / "world", root / "spaces"
+    assert verify_manifest(folder) == [] and verify_manifest(spaces) == []
+    manifest = json.loads((folder / "manifest.json").read_text())
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    assert manifest["world_unet_sha256"] == json.loads((world / "manifest.json").read_text())["files"][unet]["sha256"]
+    cfg = DatasetConfig.preset("mini")
+    assert DatasetConfig(**manifest["config"]) == cfg and cfg.storage == "float16"
+    ds = open_weights(folder)
+    assert len(ds) == cfg.n_train == 4096 and len(ds.held_out_seeds) == cfg.n_held_out == 256
+    assert ds.identity_seeds == training_seeds(cfg).tolist()
+    with safe_open(str(folder / "all_weights.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    o = json.loads((folder / "oracle.json").read_text())["summary"]
+    assert o == manifest["oracle"] and o["n"] == 256 and o["images_per_identity"] == 6
+    assert o["own_mean"] >= 0.56 and o["consistency_gap"] >= 0.40 and o["own_above_both"] >= 0.99   # measured: 0.561, 0.410, 0.996
+    assert o["margin_over_base"] > 0.3 and o["margin_over_other"] > 0.3
+    S = open_spaces(spaces, folder)                      # the spaces' standardisation is this dataset's
+    assert SpacesConfig.from_manifest(spaces) == SpacesConfig.preset("mini")
+    for name in ("pca", "vae"):
+        assert S.amortised(name).config.space == name
