@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from w2wlib.profile import load_profile
 
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spaces", default="data/spaces")
-    ap.add_argument("--dataset", default="data/dataset")
+    ap.add_argument("--spaces", default=str(load_profile().path("spaces_dir")))
+    ap.add_argument("--dataset", default=str(load_profile().path("dataset_dir")))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--out", default="benchmarks/beta_schedules.json")
     args = ap.parse_args()

@@ -20,11 +20,12 @@ import time
 
 import numpy as np
 import torch
+from w2wlib.profile import load_profile
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--world", default="data/world")
+    ap.add_argument("--world", default=str(load_profile().path("world_dir")))
     ap.add_argument("--steps", type=int, default=40, help="DreamBooth steps per identity (both methods)")
     ap.add_argument("--batched", type=int, default=64, help="identities in the batched run (one forward)")
     ap.add_argument("--solo", type=int, default=4, help="identities trained one at a time with peft")

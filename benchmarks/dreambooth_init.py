@@ -24,6 +24,7 @@ import argparse
 import time
 
 import torch
+from w2wlib.profile import load_profile
 
 
 def rank_corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,9 +65,9 @@ def main() -> None:
     from w2wlib.world.pipeline import load_pipeline
     from w2wlib.world.render import EVAL_VIEWS, identity_views
 
-    pipe = load_pipeline("data/world/pipeline", device="cpu")
+    pipe = load_pipeline(load_profile().path("world_dir") / "pipeline", device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    enc = load_encoder("data/world/identity_encoder", device="cpu")
+    enc = load_encoder(load_profile().path("world_dir") / "identity_encoder", device="cpu")
     cfg = B.DatasetConfig.preset("mini")
     db = cfg.dreambooth_config()
     layout = LoraLayout.from_unet(pipe.unet, db.target, db.rank, db.alpha)

@@ -18,11 +18,12 @@ import time
 
 import numpy as np
 import torch
+from w2wlib.profile import load_profile
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--world", default="data/world")
+    ap.add_argument("--world", default=str(load_profile().path("world_dir")))
     ap.add_argument("--identities", type=int, default=8)
     ap.add_argument("--setting", action="append", default=None,
                     help="LR:STEPS[:PRIOR_WEIGHT[:SCHEDULE]] (prior weight default 0, schedule constant|cosine), repeatable")

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from w2wlib.profile import load_profile
 
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spaces", default="data/spaces")
-    ap.add_argument("--dataset", default="data/dataset")
-    ap.add_argument("--world", default="data/world")
+    ap.add_argument("--spaces", default=str(load_profile().path("spaces_dir")))
+    ap.add_argument("--dataset", default=str(load_profile().path("dataset_dir")))
+    ap.add_argument("--world", default=str(load_profile().path("world_dir")))
     ap.add_argument("--attributes", nargs="+", default=["Male", "Beard"])
     ap.add_argument("--rows", type=int, default=24, help="held-out models edited per attribute")
     ap.add_argument("--strengths", type=float, nargs="+", default=[0, 3, 6, 9, 12])

@@ -18,12 +18,13 @@ from w2wlib.data import open_weights
 from w2wlib.generate import generate
 from w2wlib.world.encoder import load_encoder
 from w2wlib.world.pipeline import load_pipeline
+from w2wlib.profile import load_profile
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="data/dataset")
-    ap.add_argument("--world", default="data/world")
+    ap.add_argument("--dataset", default=str(load_profile().path("dataset_dir")))
+    ap.add_argument("--world", default=str(load_profile().path("world_dir")))
     ap.add_argument("--rows", type=int, default=16)
     a = ap.parse_args()
     ds, pipe = open_weights(a.dataset), load_pipeline(f"{a.world}/pipeline", device="cpu")

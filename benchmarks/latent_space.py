@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from w2wlib.profile import load_profile
 
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spaces", default="data/spaces")
-    ap.add_argument("--dataset", default="data/dataset")
-    ap.add_argument("--world", default="data/world")
+    ap.add_argument("--spaces", default=str(load_profile().path("spaces_dir")))
+    ap.add_argument("--dataset", default=str(load_profile().path("dataset_dir")))
+    ap.add_argument("--world", default=str(load_profile().path("world_dir")))
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     ap.add_argument("--steps", type=int, default=None, help="steps of each VAE (default: the shipped recipe's)")
     ap.add_argument("--identities", type=int, default=128)

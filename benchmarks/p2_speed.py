@@ -22,6 +22,7 @@ import dataclasses
 import time
 
 import torch
+from w2wlib.profile import load_profile
 
 
 def held_out_mse(model, x_val: torch.Tensor) -> float:
@@ -35,7 +36,7 @@ def held_out_mse(model, x_val: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", default="data/dataset")
+    ap.add_argument("--dataset", default=str(load_profile().path("dataset_dir")))
     ap.add_argument("--steps", type=int, default=6000, help="optimiser steps of each run")
     ap.add_argument("--val-every", type=int, default=250)
     args = ap.parse_args()

@@ -15,6 +15,7 @@ the chapter "Inversion") and prints a Markdown table. From the repo root:
 from __future__ import annotations
 
 import argparse
+from w2wlib.profile import load_profile
 
 
 def main() -> None:
@@ -38,14 +39,15 @@ def main() -> None:
     from w2wlib.world.pipeline import load_pipeline
     from w2wlib.world.render import EVAL_VIEWS, identity_views, render_ids
 
-    S = open_spaces("data/spaces", "data/dataset")
-    pipe, enc = load_pipeline("data/world/pipeline"), load_encoder("data/world/identity_encoder")
+    P = load_profile()   # the shipped mini world, wherever the profile keeps it
+    S = open_spaces(P.path("spaces_dir"), P.path("dataset_dir"))
+    pipe, enc = load_pipeline(P.path("world_dir") / "pipeline"), load_encoder(P.path("world_dir") / "identity_encoder")
     seeds = S.dataset.held_out_seeds[: args.identities]
     inputs, masks = render_ids(seeds, [500] * len(seeds), return_mask=True)
     refs = identity_views(seeds, args.images, EVAL_VIEWS)
     cmp = run_comparison(pipe, enc, S, inputs, masks, refs, seeds, steps=args.steps, w2w_steps=args.w2w_steps,
                          generations=args.generations, n_images=args.images, n_ceiling=args.ceiling,
-                         ceiling_steps=args.ceiling_steps, guidance=world_guidance("data/world"),
+                         ceiling_steps=args.ceiling_steps, guidance=world_guidance(P.path("world_dir")),
                          layout=S.dataset.lora_layout(pipe.unet))
     out = cmp.record(seeds)
     write_record(args.out, out, S.dataset)

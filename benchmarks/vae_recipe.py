@@ -30,6 +30,7 @@ import dataclasses
 import time
 
 import torch
+from w2wlib.profile import load_profile
 
 VARIANTS = {
     "seeds": {},
@@ -48,7 +49,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", default="data/dataset")
+    ap.add_argument("--dataset", default=str(load_profile().path("dataset_dir")))
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the mini recipe's)")
     args = ap.parse_args()

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from w2wlib.profile import load_profile
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("source", help="a pipeline folder, or a UNet checkpoint (.pt) of a world build")
     ap.add_argument("--vae", help="the build's autoencoder folder (for a checkpoint)")
-    ap.add_argument("--encoder", default="data/world/identity_encoder")
+    ap.add_argument("--encoder", default=str(load_profile().path("world_dir") / "identity_encoder"))
     ap.add_argument("--guidance", type=float, nargs="+", default=[4.0, 7.5])
     ap.add_argument("-n", type=int, default=32, help="samples per prompt")
     args = ap.parse_args()

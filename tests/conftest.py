@@ -90,15 +90,18 @@ def kill_cli():
 
 @pytest.fixture(scope="session")
 def S():
-    """The shipped dataset, spaces and split (data/), opened once."""
+    """The shipped dataset, spaces and split (the mini profile's), opened once."""
+    from w2wlib.profile import load_profile
     from w2wlib.spaces.shipped import open_spaces
 
-    return open_spaces(ROOT / "data" / "spaces", ROOT / "data" / "dataset")
+    P = load_profile("mini")
+    return open_spaces(P.path("spaces_dir"), P.path("dataset_dir"))
 
 
 @pytest.fixture(scope="session")
 def shipped_pipe():
-    """The shipped mini world's pipeline (data/world/pipeline), loaded once."""
+    """The shipped mini world's pipeline (the mini profile's world), loaded once."""
+    from w2wlib.profile import load_profile
     from w2wlib.world.pipeline import load_pipeline
 
-    return load_pipeline(ROOT / "data" / "world" / "pipeline")
+    return load_pipeline(load_profile("mini").path("world_dir") / "pipeline")

@@ -76,26 +76,41 @@ def test_a_live_fine_tune_gives_back_the_dataset_rows(micro_dataset, micro_world
 
 
 def test_the_shipped_dataset_loads_both_ways_and_its_rows_generate_their_identities(tmp_path):
-    """data/dataset as committed: intact, readable through the public-layout path, rows load in diffusers."""
+    """The mini profile's dataset as committed (issue 12's rebuild): intact, built on the shipped world's UNet
+    with today's mini preset, stored in float16, readable through the public-layout path; the pinning its
+    oracle measured at build time (256 identities x 6 unseen noise seeds and evaluation views; never
+    recomputed here: the issue's targets are own ID >= 0.6, gap >= 0.5, >= 98 % above both floors, and the
+    floors asserted are the measured figures, data/README.md); and a live check that rows loaded by diffusers'
+    own loader draw their identities, at the world's CFG."""
     from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
 
-    from w2wlib import project_root
+    from w2wlib import load_profile
     from w2wlib.data import export_w2w_layout
     from w2wlib.generate import image_generator
     from w2wlib.lora_io import save_diffusers_lora
     from w2wlib.metrics import identity_scores
     from w2wlib.world.encoder import load_encoder
+    from w2wlib.world.pipeline import world_guidance
     from w2wlib.world.render import EVAL_VIEWS, identity_views
 
-    root = project_root()
-    folder, world = root / "data" / "dataset", root / "data" / "world"
+    P = load_profile("mini")
+    folder, world = P.path("dataset_dir"), P.path("world_dir")
     assert verify_manifest(folder) == []
-    ds = open_weights(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    assert manifest["world_unet_sha256"] == json.loads((world / "manifest.json").read_text())["files"][unet]["sha256"]
     cfg = DatasetConfig.preset("mini")
-    assert len(ds) == cfg.n_train >= 4096 and len(ds.held_out_seeds) == cfg.n_held_out >= 256
+    assert DatasetConfig(**manifest["config"]) == cfg and cfg.storage == "float16"
+    with safe_open(str(folder / "all_weights.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    ds = open_weights(folder)
+    assert len(ds) == cfg.n_train == 4096 and len(ds.held_out_seeds) == cfg.n_held_out == 256
     assert ds.identity_seeds == training_seeds(cfg).tolist() and ds.extra["dreambooth"]["shared_init"]
-    oracle = json.loads((folder / "manifest.json").read_text())["oracle"]
-    assert oracle["margin_over_base"] > 0.1 and oracle["margin_over_other"] > 0.05
+    o = json.loads((folder / "oracle.json").read_text())["summary"]
+    assert o == manifest["oracle"] and o["n"] == 256 and o["images_per_identity"] == 6
+    assert o["own_mean"] >= 0.56 and o["consistency_gap"] >= 0.40 and o["own_above_both"] >= 0.99   # measured: 0.561, 0.410, 0.996
+    assert o["margin_over_base"] > 0.3 and o["margin_over_other"] > 0.3
     pub = open_weights(export_w2w_layout(ds, tmp_path / "w2w", arrangement="flat"), layout="w2w")
     rows = [0, 1234, len(ds) - 1]
     assert torch.equal(pub.rows(rows), ds.rows(rows)) and pub.lora_layout().entries == ds.lora_layout().entries
@@ -103,7 +118,7 @@ def test_the_shipped_dataset_loads_both_ways_and_its_rows_generate_their_identit
     pipe.set_progress_bar_config(disable=True)
     enc = load_encoder(world / "identity_encoder")
     prompt, n, ids = ds.extra["dreambooth"]["instance_prompt"], 4, [0, 1, 2, 3]
-    kw = dict(height=64, width=64, num_inference_steps=10, guidance_scale=4.0, output_type="np")
+    kw = dict(height=64, width=64, num_inference_steps=10, guidance_scale=world_guidance(world), output_type="np")
 
     def images():
         out = pipe([prompt] * n, generator=[image_generator(0, j) for j in range(n)], **kw).images
@@ -121,38 +136,20 @@ def test_the_shipped_dataset_loads_both_ways_and_its_rows_generate_their_identit
         renders = identity_views([ds.identity_seeds[i]], n, EVAL_VIEWS)
         own.append(float(identity_scores(enc, gen, renders, n, n)[0]))
         floor.append(float(identity_scores(enc, base, renders, n, n)[0]))
-    assert np.mean(own) > np.mean(floor) + 0.08, (own, floor)
+    print("own", np.round(own, 3), "base", np.round(floor, 3))
+    assert np.mean(own) > np.mean(floor) + 0.3, (own, floor)
 
 
-def test_the_staged_dataset_and_spaces_of_the_rebuilt_world():
-    """data/next/dataset and data/next/spaces (issue 12; staged beside data/ until the three move together):
-    intact, built on data/next/world with today's mini presets, stored in float16, and the pinning the
-    dataset's oracle measured at build time on 256 identities x 6 unseen noise seeds and evaluation views
-    (never recomputed here). The issue's targets are own ID >= 0.6, gap >= 0.5 and >= 98 % of identities
-    above both floors; the floors asserted are the measured figures (see data/README.md)."""
-    from safetensors import safe_open
-
-    from w2wlib import project_root
+def test_the_shipped_spaces_were_fit_on_the_shipped_dataset_with_the_mini_preset():
+    """The mini profile's spaces open against its dataset (their standardisation is that dataset's), with
+    today's preset and both amortised inverters."""
+    from w2wlib import load_profile
     from w2wlib.spaces.build import SpacesConfig
     from w2wlib.spaces.shipped import open_spaces
 
-    root = project_root() / "data" / "next"
-    folder, world, spaces = root / "dataset", root / "world", root / "spaces"
-    assert verify_manifest(folder) == [] and verify_manifest(spaces) == []
-    manifest = json.loads((folder / "manifest.json").read_text())
-    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
-    assert manifest["world_unet_sha256"] == json.loads((world / "manifest.json").read_text())["files"][unet]["sha256"]
-    cfg = DatasetConfig.preset("mini")
-    assert DatasetConfig(**manifest["config"]) == cfg and cfg.storage == "float16"
-    ds = open_weights(folder)
-    assert len(ds) == cfg.n_train == 4096 and len(ds.held_out_seeds) == cfg.n_held_out == 256
-    assert ds.identity_seeds == training_seeds(cfg).tolist()
-    with safe_open(str(folder / "all_weights.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
-    o = json.loads((folder / "oracle.json").read_text())["summary"]
-    assert o == manifest["oracle"] and o["n"] == 256 and o["images_per_identity"] == 6
-    assert o["own_mean"] >= 0.56 and o["consistency_gap"] >= 0.40 and o["own_above_both"] >= 0.99   # measured: 0.561, 0.410, 0.996
-    assert o["margin_over_base"] > 0.3 and o["margin_over_other"] > 0.3
+    P = load_profile("mini")
+    folder, spaces = P.path("dataset_dir"), P.path("spaces_dir")
+    assert verify_manifest(spaces) == []
     S = open_spaces(spaces, folder)                      # the spaces' standardisation is this dataset's
     assert SpacesConfig.from_manifest(spaces) == SpacesConfig.preset("mini")
     for name in ("pca", "vae"):

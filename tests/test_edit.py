@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2wlib import W2WError
+from w2wlib import W2WError, load_profile
 from w2wlib.edit import (AttributeDirections, Direction, debias_direction, edit_scores, edit_weights,
                          least_squares_direction, read_lora)
 from w2wlib.generate import generate, image_generator
@@ -149,7 +149,7 @@ def test_edit_comparison_edits_held_out_models_that_lack_it_and_strength_0_is_th
     from w2wlib.edit import comparison_rows, edit_comparison, plot_tradeoff
     from w2wlib.world.encoder import load_encoder
 
-    enc = load_encoder("data/world/identity_encoder")
+    enc = load_encoder(load_profile("mini").path("world_dir") / "identity_encoder")
     layout = S.dataset.lora_layout(pipe.unet)
     res = edit_comparison(pipe, enc, S, ["Beard"], [0, 6], n_rows=2, n_images=1, directions=dirs, steps=3,
                           layout=layout)

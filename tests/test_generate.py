@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2wlib import W2WError
+from w2wlib import W2WError, load_profile
 from w2wlib.generate import generate, image_generator
 from w2wlib.lora import LoraLayout
 from w2wlib.lora_io import save_diffusers_lora
@@ -79,7 +79,7 @@ def test_reconstruction_id_scores_score_rows_their_reconstructions_and_the_base(
     from w2wlib.world.encoder import load_encoder
     from w2wlib.world.scoring import reconstruction_id_scores
 
-    enc = load_encoder("data/world/identity_encoder")
+    enc = load_encoder(load_profile("mini").path("world_dir") / "identity_encoder")
     rows, pca = S.val_rows[:2].tolist(), S.pca.truncated(8)
     kw = dict(n_images=1, n_renders=1, steps=2, layout=S.dataset.lora_layout(shipped_pipe.unet))
     scores, recon, images = reconstruction_id_scores(shipped_pipe, enc, S.dataset, rows, {"PCA": pca}, **kw)

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from PIL import Image
 
-from w2wlib import W2WError
+from w2wlib import W2WError, load_profile
 from w2wlib.diffusion import ddpm_loss, training_scheduler
 from w2wlib.dreambooth import encode_images, encode_prompts
 from w2wlib.export import export_lora
@@ -189,7 +189,7 @@ def test_gradient_inversion_on_the_mini_world_beats_the_base_model(S, shipped_pi
     from w2wlib.world.render import EVAL_VIEWS, identity_views
 
     pipe = shipped_pipe
-    enc = load_encoder("data/world/identity_encoder")
+    enc = load_encoder(load_profile("mini").path("world_dir") / "identity_encoder")
     seeds = S.dataset.held_out_seeds[:2]
     imgs, masks = render_ids(seeds, [500, 500], return_mask=True)
     layout = S.dataset.lora_layout(pipe.unet)
@@ -211,7 +211,7 @@ def test_run_comparison_scores_every_row_as_the_separate_calls_do(S, shipped_pip
     from w2wlib.world.encoder import load_encoder
     from w2wlib.world.render import EVAL_VIEWS, identity_views
 
-    pipe, enc = shipped_pipe, load_encoder("data/world/identity_encoder")
+    pipe, enc = shipped_pipe, load_encoder(load_profile("mini").path("world_dir") / "identity_encoder")
     seeds = S.dataset.held_out_seeds[:2]
     inputs, masks = render_ids(seeds, [500, 500], return_mask=True)
     refs = identity_views(seeds, 1, EVAL_VIEWS)
@@ -273,22 +273,22 @@ def test_w2w_invert_amortised_command(tmp_path, capsys):
     from w2wlib.invert.amortised import AmortisedConfig, AmortisedInverter, predict_inversion
     from w2wlib.spaces.shipped import open_spaces
 
-    root = Path(__file__).resolve().parent.parent
+    shipped = load_profile("mini")
     spaces = tmp_path / "spaces"
     spaces.mkdir()
     for part in ("pca", "vae", "split.json", "manifest.json"):
-        (spaces / part).symlink_to(root / "data" / "spaces" / part)
+        (spaces / part).symlink_to(shipped.path("spaces_dir") / part)
     net = AmortisedInverter(AmortisedConfig(space="pca", k=8, channels=(8, 8)))
     net.save(spaces / "amortised" / "pca")
     profile = tmp_path / "p.yaml"
-    profile.write_text(f"settings:\n  world_dir: {root / 'data' / 'world'}\n  dataset_dir: {root / 'data' / 'dataset'}\n"
+    profile.write_text(f"settings:\n  world_dir: {shipped.path('world_dir')}\n  dataset_dir: {shipped.path('dataset_dir')}\n"
                        f"  spaces_dir: {spaces}\n  device: cpu\n")
     face = render_ids([10**9 + 9], [2])[0]
     Image.fromarray(face).save(tmp_path / "face.png")
     base = ["invert", str(tmp_path / "face.png"), "--space", "pca", "--method", "amortised", "--preview", "2",
             "--profile", str(profile)]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
-    S = open_spaces(spaces, root / "data" / "dataset")
+    S = open_spaces(spaces, shipped.path("dataset_dir"))
     want = predict_inversion(S.pca, AmortisedInverter.load(spaces / "amortised" / "pca"), load_images([tmp_path / "face.png"], 64))
     got = load_file(str(tmp_path / "a" / "face" / "latent.safetensors"))
     torch.testing.assert_close(next(iter(got.values())).reshape(1, -1), want.z)

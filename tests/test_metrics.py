@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2wlib import W2WError
+from w2wlib import W2WError, load_profile
 from w2wlib.metrics import attribute_probe
 
 
@@ -39,12 +39,11 @@ def test_probe_errors_name_the_mismatch():
 
 def test_identity_consistency_separates_identities_from_shared_noise():
     """Rows = identities, columns = views: images of one identity agree, those of others do not."""
-    from w2wlib import project_root
     from w2wlib.metrics import identity_consistency
     from w2wlib.world.encoder import load_encoder
     from w2wlib.world.render import held_out_seeds, identity_views
 
-    enc = load_encoder(project_root() / "data" / "world" / "identity_encoder")
+    enc = load_encoder(load_profile("mini").path("world_dir") / "identity_encoder")
     images = identity_views(held_out_seeds(5, 3), 3)                        # [5 * 3, 64, 64, 3], row-major
     within, across = identity_consistency(enc, images, 3)
     assert within.shape == (5,) and within.min() > across + 0.5

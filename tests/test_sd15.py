@@ -83,7 +83,7 @@ def test_the_public_files_are_prompted_as_w2w_trained_them(public, root):
     from w2wlib.sampling import instance_prompt
 
     assert instance_prompt(open_weights(public)) == "sks person"                   # w2w's train.sh; the files record none
-    assert instance_prompt(open_weights(root / "data" / "dataset")) == "a photo of sks person"   # ours: its record
+    assert instance_prompt(open_weights(load_profile("mini").path("dataset_dir"))) == "a photo of sks person"   # ours: its record
 
 
 def test_the_streaming_pca_matches_an_exact_svd_and_reads_bounded_blocks(public):

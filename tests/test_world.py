@@ -105,26 +105,6 @@ def test_sharpness_is_the_variance_of_the_laplacian():
     assert check.sharpness(dots) == pytest.approx(float(lap.var(ddof=1)), rel=1e-5)
 
 
-def test_the_staged_world_verifies_and_keeps_the_gates_it_reached():
-    """data/next/world (the rebuild of issue 12, staged until its dataset is built): intact, and its recorded
-    gates are the ones measured when it was built (benchmarks/world_text.md). Not the issue's targets:
-    those are not all met (bald 0.47 against 0.75, sharpness 0.76 against 0.8)."""
-    from w2wlib import project_root
-
-    world = project_root() / "data" / "next" / "world"
-    assert verify_manifest(world) == []
-    q = json.loads((world / "quality.json").read_text())
-    share = q["prompt_adherence"]["share"]
-    assert q["prompt_adherence"]["mean"] >= 0.88 and sorted(share.values())[1] >= 0.85   # five phrases of six
-    assert q["samples"]["sharpness_ratio"] >= 0.75 and q["identity_encoder"]["verification_auc"] >= 0.999
-    from transformers import CLIPTokenizer        # its tokenizer has one token per word of the full descriptions
-
-    shipped = CLIPTokenizer.from_pretrained(world / "pipeline" / "tokenizer")
-    ids = shipped("a photo of a middle aged man with olive skin and a goatee beard and thin gold glasses").input_ids
-    assert all(len(shipped(w, add_special_tokens=False).input_ids) == 1 for w in ("olive", "goatee", "gold", "aged"))
-    assert len(ids) < 77
-
-
 def test_build_is_cached_and_tampering_is_detected(micro_world, tmp_path):
 
     manifest = B.build_world(micro_world, B.WorldConfig.preset("micro"), device=torch.device("cpu"), progress=False)
@@ -160,18 +140,32 @@ def test_autoencoder_stage_is_deterministic(tmp_path):
 
 
 def test_the_shipped_mini_world_is_intact_loads_offline_and_generates_faces():
-    """data/world as committed: files match the manifest, plain diffusers runs it, the encoder verifies."""
+    """The mini profile's world as committed (the rebuild of issue 12): files match the manifest, its recorded
+    gates are the ones measured when it was built (benchmarks/world_text.md; not all of the issue's targets:
+    bald 0.47 against 0.75, sharpness 0.76 against 0.8), its tokenizer has a token per word of the full
+    descriptions, plain diffusers runs it, and the encoder verifies."""
     from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
-    from w2wlib import project_root
+    from w2wlib import load_profile
     from w2wlib.world import check
     from w2wlib.world.encoder import load_encoder, verification
 
-    world = project_root() / "data" / "world"
-    assert (world / "manifest.json").is_file(), "data/world has no manifest: run `w2w world build --config mini`"
+    world = load_profile("mini").path("world_dir")
+    assert (world / "manifest.json").is_file(), f"{world} has no manifest: run `w2w world build --config mini`"
     assert verify_manifest(world) == []
     manifest = json.loads((world / "manifest.json").read_text())
-    assert manifest["config"]["name"] == "mini" and manifest["quality"]["identity_encoder"]["verification_auc"] >= 0.99
+    assert manifest["config"]["name"] == "mini"
+    q = json.loads((world / "quality.json").read_text())
+    share = q["prompt_adherence"]["share"]
+    assert q["prompt_adherence"]["mean"] >= 0.88 and sorted(share.values())[1] >= 0.85   # five phrases of six
+    assert q["samples"]["sharpness_ratio"] >= 0.75 and q["identity_encoder"]["verification_auc"] >= 0.999
+    tok = CLIPTokenizer.from_pretrained(world / "pipeline" / "tokenizer")
+    ids = tok("a photo of a middle aged man with olive skin and a goatee beard and thin gold glasses").input_ids
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in ("olive", "goatee", "gold", "aged"))
+    assert len(ids) < 77
+    # a saved pipeline records no build folder of its own (save_pipeline drops it)
+    assert all(json.loads(c.read_text()).get("_name_or_path") is None for c in (world / "pipeline").glob("*/config.json"))
     pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", local_files_only=True)
     images = check.sample_base_model(pipe, 32, steps=10)                      # [32, 64, 64, 3] uint8
     enc = load_encoder(world / "identity_encoder")

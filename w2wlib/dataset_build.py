@@ -70,7 +70,7 @@ class DatasetConfig:
             # benchmarks/dreambooth_recipe.md, on the rebuilt world (data/next/world): 300 steps at 2e-3 without
             # prior preservation pin a person (own ID 0.55, consistency gap 0.42 at CFG 7.5); 600 steps add
             # nothing. Shards of 128: 10.2 ms per identity-step against 11.6 at 64 (2 cores), about 3.7 h in all.
-            # (data/dataset, built on the old world, records its own recipe: 150 steps, prior weight 0.3.)
+            # (The first world's dataset, retired, was built with 150 steps and prior weight 0.3.)
             return cls(guidance=7.5, chunk_size=128, storage="float16", dreambooth={"lr": 2e-3, "steps": 300, "prior_loss_weight": 0.0})
         if name == "micro":
             return cls(name="micro", n_train=8, n_held_out=4, chunk_size=4, sample_steps=3,

@@ -209,8 +209,8 @@ def verify_folder(folder: str | os.PathLike) -> Verification:
     :class:`~w2wlib.W2WError` when the manifest is not valid JSON or lists no sha256s.
 
     Example:
-        >>> print(verify_folder("data/world"))            # doctest: +SKIP
-        data/world: OK, 13 files (rebuild with: w2w world build --config mini --out data/world --device cpu)
+        >>> print(verify_folder("data/next/world"))       # doctest: +SKIP
+        data/next/world: OK, 13 files (rebuild with: w2w world build --config mini --out data/next/world --device cpu)
     """
     folder = Path(folder)
     manifest = _read_manifest(folder)
@@ -236,7 +236,7 @@ def artifact_folders(path: str | os.PathLike, depth: int = 2) -> tuple[list[Path
 
     Example:
         >>> artifact_folders("data")                      # doctest: +SKIP
-        ([PosixPath('data/dataset'), PosixPath('data/next/world'), ...], [PosixPath('data/next/dataset')])
+        ([PosixPath('data/next/dataset'), PosixPath('data/next/spaces'), PosixPath('data/next/world')], [])
     """
     path = Path(path)
     _need_folder(path)
