@@ -218,10 +218,12 @@ def test_run_comparison_scores_every_row_as_the_separate_calls_do(S, shipped_pip
     layout = S.dataset.lora_layout(pipe.unet)
     sizes = dict(steps=2, w2w_steps=2, generations=1)
     cmp = run_comparison(pipe, enc, S, inputs, masks, refs, seeds, **sizes, n_ceiling=1, ceiling_steps=1,
-                         n_images=1, inference_steps=2, layout=layout)
+                         n_images=1, inference_steps=2, layout=layout, amortised_steps=1)
     methods = comparison_methods(S.vae.latent_dim, **sizes)
-    assert list(cmp.results) == list(methods) and cmp.spaces == {n: sp for n, (sp, _) in methods.items()}
-    assert list(cmp.scores)[len(methods):] == ["floor: base model", "floor: another identity's inversion",
+    amortised = {f"{sp.upper()}, amortised{more}": sp for sp in ("pca", "vae") for more in ("", " + 1 steps")}
+    assert list(cmp.results) == [*methods, *amortised]               # the shipped spaces ship both inverters
+    assert cmp.spaces == {**{n: sp for n, (sp, _) in methods.items()}, **amortised}
+    assert list(cmp.scores)[len(cmp.results):] == ["floor: base model", "floor: another identity's inversion",
                                                "DreamBooth on the one input (unconstrained)"]
     name = "PCA, gradient (w2w's recipe)"
     space, cfg = methods[name]
@@ -233,9 +235,9 @@ def test_run_comparison_scores_every_row_as_the_separate_calls_do(S, shipped_pip
     base = score_models(pipe, enc, None, refs, inputs, **cmp.score_kw)
     torch.testing.assert_close(cmp.scores["floor: base model"]["id"], base["id"])
     rows = cmp.rows()
-    assert len(rows) == len(methods) + 4 and rows[-1][0] == cmp.ceiling_name and cmp.n_ceiling == 1
+    assert len(rows) == len(cmp.results) + 4 and rows[-1][0] == cmp.ceiling_name and cmp.n_ceiling == 1
     record = cmp.record(seeds)
-    assert record["best"] == cmp.best and [m["name"] for m in record["methods"]] == list(methods)
+    assert record["best"] == cmp.best and [m["name"] for m in record["methods"]] == list(cmp.results)
     assert cmp.ceiling_name in record["references"] and record["n"] == 2
     with_record = cmp.rows(record)                   # a last column: the same row's ID in a recorded run
     assert [r[-1] for r in with_record] == [*(m["id_mean"] for m in record["methods"]),
@@ -382,3 +384,66 @@ def test_amortised_answer_decodes_like_an_inversion_and_seeds_one(pipe, space, i
     torch.testing.assert_close(seeded.z, res.z, atol=1e-5, rtol=1e-5)
     with pytest.raises(W2WError, match="predicts 9 dimensions but the space has 8"):
         predict_inversion(space, AmortisedInverter(AmortisedConfig(k=9, channels=(8,))), x[:1])
+
+
+def test_merging_shard_records_equals_scoring_all_identities_at_once():
+    """benchmarks/p3_inversion.py's shards: the merged means are the means over every identity, the ceiling keeps
+    only the identities it ran on, and mismatched or overlapping shards are refused."""
+    from w2wlib.invert.evaluate import merge_records
+
+    rng = np.random.default_rng(0)
+
+    def shard(seeds, ceiling):
+        ids = {name: rng.uniform(-0.1, 0.9, len(seeds)).tolist() for name in ("PCA", "VAE", "floor", "ceiling")}
+        refs = {"floor: base model": {"id_mean": float(np.mean(ids["floor"])), "id": ids["floor"]}}
+        if ceiling:
+            refs[f"ceiling: DreamBooth on 8 views ({ceiling} identities)"] = {
+                "id_mean": float(np.mean(ids["ceiling"][:ceiling])), "id": ids["ceiling"][:ceiling]}
+        methods = [{"name": n, "space": n.lower(), "config": {}, "seconds_per_image": 1.0 + len(seeds),
+                    "id_mean": float(np.mean(ids[n])), "id": ids[n], "id_input_mean": 0.5} for n in ("PCA", "VAE")]
+        return {"n": len(seeds), "identity_seeds": seeds, "methods": methods, "references": refs}
+
+    a, b = shard([1, 2, 3, 4], 2), shard([5, 6], 0)
+    out = merge_records([a, b])
+    assert out["n"] == 6 and out["identity_seeds"] == [1, 2, 3, 4, 5, 6] and out["shards"] == 2
+    for i, m in enumerate(out["methods"]):
+        every = a["methods"][i]["id"] + b["methods"][i]["id"]
+        assert m["id"] == every and m["id_mean"] == pytest.approx(np.mean(every))
+        assert m["seconds_per_image"] == pytest.approx((4 * 5.0 + 2 * 3.0) / 6)     # weighted by identities
+    assert out["references"]["floor: base model"]["id"] == a["references"]["floor: base model"]["id"] + \
+        b["references"]["floor: base model"]["id"]
+    ceiling = out["references"]["ceiling: DreamBooth on 8 views (2 identities)"]
+    best = max(out["methods"], key=lambda m: m["id_mean"])
+    assert out["best"] == best["name"]
+    assert out["best_over_ceiling"] == pytest.approx(np.mean(best["id"][:2]) / ceiling["id_mean"])
+    with pytest.raises(W2WError, match="no shard records"):
+        merge_records([])
+    with pytest.raises(W2WError, match="overlap"):
+        merge_records([a, shard([4, 7], 0)])
+    c = shard([8], 0)
+    c["methods"] = c["methods"][:1]
+    with pytest.raises(W2WError, match="different methods"):
+        merge_records([a, c])
+
+
+def test_target_checks_read_issue_13s_targets_off_a_record():
+    """Each target is met exactly when its inequality holds on the record's figures."""
+    from w2wlib.invert.evaluate import target_checks
+
+    def rec(vae_id, vae_s, am_s, am_id, ratio):
+        row = lambda name, space, i, s: {"name": name, "space": space, "id_mean": i, "seconds_per_image": s}  # noqa: E731
+        return {"methods": [row("PCA, gradient (w2w's recipe)", "pca", 0.70, 10.0), row("PCA, gradient (ours)", "pca", 0.72, 5.0),
+                            row("VAE, gradient (w2w++: AdamW lr 1e-4)", "vae", 0.99, 0.1),   # never the VAE's pick
+                            row("VAE, gradient (ours)", "vae", vae_id, vae_s), row("VAE, amortised", "vae", am_id, am_s)],
+                "best": "PCA, gradient (ours)", "best_over_ceiling": ratio}
+
+    met = [r[2] for r in target_checks(rec(0.70, 2.0, 0.02, 0.64, 0.8))]
+    assert met == ["yes", "yes", "yes"]
+    assert [r[2] for r in target_checks(rec(0.69, 2.0, 0.02, 0.64, 0.8))][0] == "no"     # ID below the baseline's
+    assert [r[2] for r in target_checks(rec(0.70, 2.01, 0.02, 0.64, 0.8))][0] == "no"    # more than 1/5 of its time
+    assert [r[2] for r in target_checks(rec(0.70, 2.0, 0.021, 0.64, 0.8))][1] == "no"    # under 100x faster
+    assert [r[2] for r in target_checks(rec(0.70, 2.0, 0.02, 0.62, 0.8))][1] == "no"     # under 90 % of the ID
+    assert [r[2] for r in target_checks(rec(0.70, 2.0, 0.02, 0.64, 0.79))][2] == "no"
+    assert "VAE, gradient (ours): ID 0.700" in target_checks(rec(0.70, 2.0, 0.02, 0.64, 0.8))[0][1]
+    with pytest.raises(W2WError, match="baseline"):
+        target_checks({"methods": [], "best_over_ceiling": None})

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from w2wlib import ProfileError, W2WError, list_profiles, load_profile
+from w2wlib import ProfileError, W2WError, list_profiles, load_profile, project_root
 from w2wlib.profile import parse_value
 
 
@@ -37,7 +37,7 @@ def test_unknown_and_malformed_profiles(tmp_path):
 
 def test_paths_resolve_under_the_root(tmp_path):
     p = load_profile("mini", root=tmp_path)
-    assert p.path("world_dir") == tmp_path / "data" / "world"
+    assert p.path("world_dir") == tmp_path / "data" / "next" / "world"
     assert load_profile("sd15").path("data_dir").is_relative_to(Path.home())
 
 
@@ -158,3 +158,18 @@ def test_guidance_is_the_profiles_or_the_worlds_own(tmp_path):
     for bad in ("'strong'", "-1", "true"):
         with pytest.raises(ProfileError, match="sampler.guidance=.*; it must be a number >= 0"):
             load_profile(prof, {"sampler.guidance": __import__("yaml").safe_load(bad)})
+
+
+def test_a_profile_from_a_yaml_file_reaches_its_notebooks_by_path(tmp_path):
+    """A notebook loads its profile again from the ``profile`` parameter: for a YAML file that must be the
+    file, not its stem (which names no shipped profile)."""
+    from w2wlib.book import notebook_parameters
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("description: mine\nsettings:\n  device: cpu\n")
+    p = load_profile(path).with_overrides({"device": "cpu"})
+    params = notebook_parameters(project_root() / "book" / "training_vae.ipynb", p)
+    assert params["profile"] == str(path.resolve()) and load_profile(params["profile"]).description == "mine"
+    assert notebook_parameters(project_root() / "book" / "training_vae.ipynb", load_profile("smoke"))["profile"] == "smoke"
+    with pytest.raises(ProfileError, match="unknown profile 'mine'"):
+        load_profile(p.name)                        # what the notebook got before: the stem

@@ -108,10 +108,16 @@ def test_the_streaming_pca_matches_an_exact_svd_and_reads_bounded_blocks(public)
     assert float(space.explained_variance_ratio.sum()) == pytest.approx(float(s[:8].square().sum() / s.square().sum()), rel=1e-4)
 
 
-def test_spaces_build_sd15_runs_end_to_end_on_the_public_format(public, tmp_path):
-    out = tmp_path / "spaces"
+@pytest.fixture(scope="module")
+def public_spaces(public, tmp_path_factory):
+    """The sd15 spaces of the fake public files, built once at the sizes that fit it (``small``)."""
+    out = tmp_path_factory.mktemp("sd15") / "spaces"
+    return out, build_spaces(out, small(SpacesConfig.preset("sd15")), public, progress=False)
+
+
+def test_spaces_build_sd15_runs_end_to_end_on_the_public_format(public, public_spaces):
+    out, manifest = public_spaces
     cfg = small(SpacesConfig.preset("sd15"))
-    manifest = build_spaces(out, cfg, public, progress=False)
     # the artifact kinds of the mini build; the amortised inverters need renders, which the public files lack
     assert {"pca/config.json", "pca/tensors.safetensors", "vae/config.json", "vae/tensors.safetensors",
             "vae_history.json"} <= set(manifest["files"]) and (out / "split.json").is_file()
@@ -228,3 +234,26 @@ def test_w2w_book_skips_a_chapter_of_another_world_and_says_why(book_root, capsy
     assert copy.cells[0].source == "# The mini world" and "not run in this build" in copy.cells[1].source
     page = (book_root / "_build/html/book/mini_only.html").read_text()
     assert "This chapter was not run in this build" in page and "it builds the mini world itself" in page
+
+
+def test_the_training_chapter_runs_on_the_sd15_code_path(public, public_spaces, root, tmp_path):
+    """"Training the VAE" under the sd15 profile itself, with only its paths, device and chapter sizes changed:
+    the fake public files and their spaces in place of the downloads and `w2w spaces build --config sd15`."""
+    import yaml
+
+    out, _ = public_spaces
+    data = yaml.safe_load((root / "w2wlib" / "profiles" / "sd15.yaml").read_text())
+    data["settings"].update(dataset_dir=str(public), spaces_dir=str(out), device="cpu")
+    data["notebooks"]["training_vae"] = {"steps": 4, "compare_steps": 4, "pca_ks": [2, 4, 8]}
+    path = tmp_path / "sd15-dry.yaml"
+    path.write_text(yaml.safe_dump(data))
+    profile = load_profile(path, root=root)
+    assert profile.get("world") == "sd15" and unsupported_reason(root / "book" / "training_vae.ipynb", profile) is None
+    executed = tmp_path / "training_vae.ipynb"
+    run_notebook(root / "book" / "training_vae.ipynb", executed, profile, progress=False)
+    outputs = [o for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", [])]
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    assert f"D = {SD15_DIM:,}" in text and "WeightsDataset(" in text and "layout='w2w'" in text
+    assert "was recorded on another dataset" in text                 # the mini record is refused, the six run live
+    assert all(f"| {name} |" in text for name in ("β 1, constant", "β D, cyclical", "β D, warm-up + linear, free bits 0.5"))
+    assert "at k = 4: PCA" in text and sum(o.get("output_type") == "error" for o in outputs) == 0

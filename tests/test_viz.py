@@ -74,3 +74,20 @@ def test_to_tensor_inverts_to_uint8_exactly():
     assert np.array_equal(to_uint8(t), imgs)
     with pytest.raises(W2WError, match="uint8 images"):
         to_tensor(imgs.astype(np.float32))
+
+
+def test_show_images_draws_every_image_and_wraps_long_row_labels():
+    """A long label is broken into lines that fit its row, so that labels of neighbouring rows do not overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from w2wlib.viz import show_images
+
+    imgs = np.stack([np.full((64, 64, 3), 40 * i, np.uint8) for i in range(4)])
+    long = "a young woman with black hair and earrings"
+    fig = show_images(imgs, nrow=2, row_labels=["short", long], col_labels=["a", "b"])
+    axes = np.array(fig.axes).reshape(2, 2)
+    assert [int(ax.images[0].get_array()[0, 0, 0]) for ax in axes.flat] == [0, 40, 80, 120]
+    assert axes[0, 0].get_ylabel() == "short"
+    lines = axes[1, 0].get_ylabel().split("\n")
+    assert len(lines) > 1 and " ".join(lines) == long and max(map(len, lines)) <= 18

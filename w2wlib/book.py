@@ -184,7 +184,7 @@ def notebook_parameters(notebook: Path, profile: Profile, cli: Mapping[str, Any]
     for required in ("profile", "overrides"):
         if required not in declared:
             raise W2WError(f"{notebook.name}: its parameters cell must define {required!r} (every book notebook takes a profile)")
-    params: dict[str, Any] = {"profile": profile.name, "overrides": {}}
+    params: dict[str, Any] = {"profile": profile.reference, "overrides": {}}   # a YAML file's path, or a name
     from_profile = profile.notebook_parameters(notebook.stem)
     unknown = set(from_profile) - declared
     if unknown:

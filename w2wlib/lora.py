@@ -196,6 +196,8 @@ class LoraLayout:
         return cls.from_modules([(m, *found[m]) for m in order], rank, alpha, target_modules)
 
 
+SD15_DIM = 99_648            # rank-1 to_q/to_v LoRA of the SD 1.5 UNet: w2w's layout (tests check sd15_layout().dim)
+
 # Stable Diffusion 1.5's UNet2DConditionModel config (the architecture fields; the rest are diffusers' defaults).
 SD15_UNET_CONFIG: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
@@ -212,11 +214,15 @@ def sd15_layout(target_modules: Sequence[str] = ("to_q", "to_v"), rank: int = 1,
         >>> sd15_layout().dim
         99648
     """
+    return LoraLayout.from_unet(sd15_meta_unet(), target_modules, rank, alpha)
+
+
+def sd15_meta_unet():
+    """SD 1.5's UNet2DConditionModel on the meta device: its module names and shapes, no weights, no download."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-    return LoraLayout.from_unet(unet, target_modules, rank, alpha)
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
 
 
 def _peft_key(module: str, ab: str) -> str:

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,12 @@ class Profile:
     settings: dict[str, Any]
     notebooks: dict[str, dict[str, Any]] = field(default_factory=dict)
     root: Path = field(default_factory=project_root)
+    ref: str = ""              # what load_profile was given: a shipped name, or a YAML file's absolute path
+
+    @property
+    def reference(self) -> str:
+        """The argument that loads this profile again (for a notebook's ``profile`` parameter)."""
+        return self.ref or self.name
 
     def get(self, key: str) -> Any:
         """A setting by dotted key, e.g. ``get("world.n_identities")``; unknown keys raise."""
@@ -214,7 +221,7 @@ class Profile:
                 node = node[part]
             node[last] = _check_type(key, old, value)
         _check_settings(self.name, settings)
-        return Profile(self.name, self.description, settings, self.notebooks, self.root)
+        return dataclasses.replace(self, settings=settings)
 
     # -- the one place where device and dtype are decided ------------------------------------------
     @property
@@ -292,5 +299,6 @@ def load_profile(name: str | os.PathLike = "mini", overrides: Mapping[str, Any] 
         settings=settings,
         notebooks={k: dict(v or {}) for k, v in (data.get("notebooks") or {}).items()},
         root=root or project_root(),
+        ref=str(path.resolve()) if Path(name).suffix in (".yaml", ".yml") else str(name),
     )
     return profile.with_overrides(overrides)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -78,8 +79,9 @@ def show_images(images, nrow: int, *, title: str | None = None, row_labels: Sequ
             side.set_visible(False)
         if i < len(arr):
             ax.imshow(arr[i], interpolation="nearest")
+    chars = max(10, int(18 * scale * max(h, 48) / 64))   # a row label wraps to the height of its row
     for r, label in enumerate(row_labels or []):
-        axes[r, 0].set_ylabel(label, fontsize=8)
+        axes[r, 0].set_ylabel(textwrap.fill(str(label), chars), fontsize=8)
     for c, label in enumerate(col_labels or []):
         axes[0, c].set_title(label, fontsize=8)
     if title:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ArtifactMissingError, LayoutError, W2WError
-from ..lora import PEFT_PREFIX, LoraLayout
+from ..lora import PEFT_PREFIX, SD15_DIM, LoraLayout
 from ..lora_io import layout_from_weight_dimensions
 from .formats import (_BUILD_OURS, _GET_W2W, _REGET_W2W, _ST_DTYPES, _W2W_DIRS, OURS_FILES, W2W_FILES,
                       _bad_rows, _check_float, _layout_weight_dimensions, _missing, _read_attributes_csv, _read_json,
@@ -428,7 +428,11 @@ class WeightsDataset:
                 _check_modules(layout, unet_or_module_names)
             return layout
         names = unet_or_module_names
-        if names is None:
+        if names is None and self.dim == SD15_DIM and any(k.startswith("lora_unet_") for k, _ in self.weight_dimensions):
+            from ..lora import sd15_meta_unet     # w2w's own spelling of SD 1.5's modules: map them through its UNet
+
+            names = sd15_meta_unet()
+        elif names is None:
             names = [_module_of_key(k) for k, _ in self.weight_dimensions]
         return layout_from_weight_dimensions(self._w2w_wd, names, alpha=27.0 if alpha is None else alpha,
                                              expected_dim=self.dim)

@@ -24,7 +24,8 @@ import torch
 from ..errors import W2WError
 from ..metrics import bootstrap_ci, identity_scores
 
-__all__ = ["score_models", "summary_row", "single_image_dreambooth", "run_comparison", "Comparison"]
+__all__ = ["score_models", "summary_row", "single_image_dreambooth", "run_comparison", "Comparison", "merge_records",
+           "target_checks"]
 
 
 def score_models(pipe, encoder, W: torch.Tensor | None, references: np.ndarray, inputs: np.ndarray | None = None, *,
@@ -117,6 +118,100 @@ class Comparison:
                             for n, r in self.results.items()],
                 "references": {k: {"id_mean": float(v["id"].mean()), "id": v["id"].tolist()} for k, v in refs.items()},
                 "best": self.best, "best_over_ceiling": self.best_over_ceiling() if self.ceiling is not None else None}
+
+
+def merge_records(records: Sequence[dict]) -> dict:
+    """One record of :meth:`Comparison.record` from the records of disjoint identity shards, in order.
+
+    Per-identity scores are concatenated and every mean is recomputed over them; seconds per image are averaged
+    over shards weighted by their identities (each shard inverts its identities in one batch). A reference that
+    only some shards scored (the ceiling, run on the first identities) keeps its own identities. The best
+    method and its ratio to the ceiling are recomputed on the merged scores.
+
+    >>> rec = merge_records([json.load(open(f)) for f in sorted(Path("shards").glob("*.json"))])  # doctest: +SKIP
+    """
+    if not records:
+        raise W2WError("no shard records to merge: run benchmarks/p3_inversion.py to write one")
+    names = [m["name"] for m in records[0]["methods"]]
+    for r in records[1:]:
+        if [m["name"] for m in r["methods"]] != names:
+            raise W2WError(f"shard records ran different methods ({[m['name'] for m in r['methods']]} against "
+                           f"{names}): re-run the odd shard with the same script version")
+    seeds = [k for r in records for k in r["identity_seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise W2WError("shard records overlap: an identity appears in two shards")
+    n = [r["n"] for r in records]
+    methods = []
+    for i, name in enumerate(names):
+        ms = [r["methods"][i] for r in records]
+        ids = [x for m in ms for x in m["id"]]
+        methods.append({**ms[0], "id": ids, "id_mean": float(np.mean(ids)),
+                        "seconds_per_image": float(np.average([m["seconds_per_image"] for m in ms], weights=n)),
+                        "id_input_mean": float(np.average([m["id_input_mean"] for m in ms], weights=n))})
+    refs: dict[str, dict] = {}
+    for r in records:
+        for k, v in r["references"].items():
+            key = _row_key(k)
+            have = refs.setdefault(key, {"name": k, "id": []})
+            have["id"] += v["id"]
+    references = {}
+    for key, v in refs.items():
+        name = v["name"]
+        if name.startswith("ceiling:"):
+            name = re.sub(r"\(\d+ identities\)$", f"({len(v['id'])} identities)", name)
+        references[name] = {"id_mean": float(np.mean(v["id"])), "id": v["id"]}
+    best = max(methods, key=lambda m: m["id_mean"])
+    ceiling = next((v for k, v in references.items() if k.startswith("ceiling:")), None)
+    ratio = None if ceiling is None else float(np.mean(best["id"][:len(ceiling["id"])]) / ceiling["id_mean"])
+    extra = {k: v for k, v in records[0].items() if k not in ("n", "identity_seeds", "methods", "references", "best",
+                                                               "best_over_ceiling", "dataset", "machine", "torch")}
+    return {**extra, "n": len(seeds), "identity_seeds": seeds, "methods": methods, "references": references,
+            "best": best["name"], "best_over_ceiling": ratio, "shards": len(records)}
+
+
+BASELINE = "PCA, gradient (w2w's recipe)"     # issue 13's baseline: w2w's inversion, as its inversion.py
+
+
+def target_checks(record: dict) -> list[list]:
+    """Issue 13's targets, read off a :meth:`Comparison.record` (or a :func:`merge_records`): rows of
+    ``[target, measured, met]`` with ``met`` "yes" or "no".
+
+    1. A VAE inversion (gradient or CMA-ES; not w2w++'s recipe, not amortised) at least matches the PCA
+       baseline's ID at no more than 1/5 of its time: the VAE method nearest to meeting both is reported.
+    2. Each space's amortised inverter is at least 100x faster than that space's gradient method at >= 90 %
+       of its ID (alone, and followed by its few gradient steps).
+    3. The best method reaches >= 0.8 of the 8-view DreamBooth ceiling on the ceiling's identities.
+
+    >>> rows = target_checks(json.load(open("benchmarks/p3_inversion.json")))      # doctest: +SKIP
+    """
+    m = {x["name"]: x for x in record["methods"]}
+    if BASELINE not in m:
+        raise W2WError(f"the record has no {BASELINE!r} row, the baseline of the targets; it has {sorted(m)}")
+    base = m[BASELINE]
+    rows = []
+    vae = [x for n, x in m.items() if x["space"] == "vae" and "amortised" not in n and "w2w++" not in n]
+    if vae:
+        def ok(x):
+            return x["id_mean"] >= base["id_mean"], x["seconds_per_image"] <= base["seconds_per_image"] / 5
+        pick = max(vae, key=lambda x: (sum(ok(x)), x["id_mean"]))
+        rows.append(["VAE inversion ≥ the PCA baseline's ID at ≤ 1/5 of its time",
+                     f"{pick['name']}: ID {pick['id_mean']:.3f} against {base['id_mean']:.3f}, "
+                     f"{pick['seconds_per_image']:.2f} s against {base['seconds_per_image']:.2f} s "
+                     f"({pick['seconds_per_image'] / base['seconds_per_image']:.2f}×)", "yes" if all(ok(pick)) else "no"])
+    for space in ("PCA", "VAE"):
+        grad = m.get(f"{space}, gradient (ours)")
+        for name, x in m.items():
+            if grad is None or not name.startswith(f"{space}, amortised"):
+                continue
+            speed, share = grad["seconds_per_image"] / max(x["seconds_per_image"], 1e-9), x["id_mean"] / grad["id_mean"]
+            rows.append([f"{name}: ≥ 100× faster than {space}'s gradient at ≥ 90 % of its ID",
+                         f"{speed:,.0f}× faster, {share:.0%} of the ID ({x['id_mean']:.3f} against {grad['id_mean']:.3f})",
+                         "yes" if speed >= 100 and share >= 0.9 else "no"])
+    ratio = record.get("best_over_ceiling")
+    if ratio is not None:
+        rows.append(["the best method ≥ 0.8 of the 8-view DreamBooth ceiling",
+                     f"{record['best']}: {ratio:.2f} of the ceiling", "yes" if ratio >= 0.8 else "no"])
+    return rows
 
 
 def _row_key(name: str) -> str:

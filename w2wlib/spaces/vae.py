@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import W2WError
+from ..lora import SD15_DIM
 from .base import WeightSpace, _check_sample_args
 
 __all__ = ["VAEConfig", "WeightVAE", "VAESpace", "SD15_DIM"]
 
-SD15_DIM = 99_648            # rank-1 to_q/to_v LoRA of the SD 1.5 UNet, w2w's layout
 _SD15_HIDDEN = (4096, 2048, 1024)
 _SD15_LATENT = 512
 _ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
