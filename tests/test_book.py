@@ -106,10 +106,10 @@ def test_w2w_run_console_script(fake_root, tmp_path):
 CONTENT = {"mini_world": (7, ["identity", "component", "attribute", "gate"]),
            "weights_dataset": (8, ["", "modules", "components", "identity"]),
            "training_vae": (4, ["training", "schedule"]),
-           "latent_space": (6, ["weights", "k", "models"]),
+           "latent_space": (4, ["weights", "k"]),
            "sampling": (4, ["models", "attribute", "source", "path"]),
            "editing": (3, ["attribute", "edited attribute"]),
-           "inversion": (5, ["method"])}
+           "inversion": (5, ["method", "target"])}
 
 
 def _tables(page: str) -> dict[str, list[list[str]]]:
@@ -148,6 +148,13 @@ def _check_chapter_content(html) -> None:
     rows = tables["inversion"]["method"][1:]
     assert len(rows) >= 9 and all(-1 <= _num(r[1]) <= 1 for r in rows)
     assert all(_num(r[4]) > 0 for r in rows if not r[0].startswith(("floor", "DreamBooth", "ceiling")))
+    # issue 13's three targets, each judged
+    targets = tables["inversion"]["target"][1:]
+    assert len(targets) >= 3 and {r[2] for r in targets} <= {"yes", "no"}
+    # sampling: the dataset's LoRAs and three samplers, each with a consistency and a distance
+    names = [r[0] for r in tables["sampling"]["models"][1:]]
+    assert names[:2] == ["sampled, PCA", "sampled, VAE"] and names[3] == "dataset, held out"
+    assert names[2].startswith("sampled, VAE (its codes") and len(names) == 4
 
 
 @pytest.mark.book

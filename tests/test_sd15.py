@@ -257,3 +257,14 @@ def test_the_training_chapter_runs_on_the_sd15_code_path(public, public_spaces, 
     assert "was recorded on another dataset" in text                 # the mini record is refused, the six run live
     assert all(f"| {name} |" in text for name in ("β 1, constant", "β D, cyclical", "β D, warm-up + linear, free bits 0.5"))
     assert "at k = 4: PCA" in text and sum(o.get("output_type") == "error" for o in outputs) == 0
+
+
+def test_w2ws_underscore_keys_map_through_sd15s_own_unet(public):
+    """w2w's files spell SD 1.5's modules with underscores (lora_unet_down_blocks_0_...), which cannot be read
+    back into dotted names: rows of SD 1.5's length map through its meta-device UNet, to the same layout."""
+    from w2wlib.lora import sd15_layout
+
+    layout = open_weights(public).lora_layout()
+    want = sd15_layout()
+    assert layout.dim == SD15_DIM and layout.alpha == 27.0
+    assert layout.entries == want.entries                 # modules, shapes and offsets, in the flat order
