@@ -109,7 +109,7 @@ CONTENT = {"mini_world": (7, ["identity", "component", "attribute", "gate"]),
            "latent_space": (4, ["weights", "k"]),
            "sampling": (4, ["models", "attribute", "source", "path"]),
            "editing": (3, ["attribute", "edited attribute"]),
-           "inversion": (5, ["method", "target"])}
+           "inversion": (5, ["method", "target", "space"])}
 
 
 def _tables(page: str) -> dict[str, list[list[str]]]:

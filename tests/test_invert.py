@@ -384,6 +384,14 @@ def test_amortised_answer_decodes_like_an_inversion_and_seeds_one(pipe, space, i
     torch.testing.assert_close(seeded.z, res.z, atol=1e-5, rtol=1e-5)
     with pytest.raises(W2WError, match="predicts 9 dimensions but the space has 8"):
         predict_inversion(space, AmortisedInverter(AmortisedConfig(k=9, channels=(8,))), x[:1])
+    # scale: the whitened answer moves away from the mean identity by that factor, the rest stays at the mean
+    far = predict_inversion(space, net, x[:2], scale=2.5)
+    torch.testing.assert_close(far.u, 2.5 * res.u)
+    torch.testing.assert_close(far.z[:, :4] - mean[:4], 2.5 * (res.z[:, :4] - mean[:4]))
+    assert torch.equal(far.z[:, 4:], res.z[:, 4:])
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(W2WError, match="scale must be a finite number > 0"):
+            predict_inversion(space, net, x[:1], scale=bad)
 
 
 def test_merging_shard_records_equals_scoring_all_identities_at_once():

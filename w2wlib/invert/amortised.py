@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,12 +207,17 @@ def train_amortised(model: AmortisedInverter, images: np.ndarray | torch.Tensor,
     return history
 
 
-def predict_inversion(space, net: AmortisedInverter, images) -> "Inversion":  # noqa: F821
+def predict_inversion(space, net: AmortisedInverter, images, *, scale: float = 1.0) -> "Inversion":  # noqa: F821
     """The amortised answer as an :class:`~w2wlib.invert.core.Inversion`: one forward pass, then decode.
 
     ``images`` as :meth:`AmortisedInverter.predict` takes them. The space's dimensions past the net's
     ``k`` stay at their prior mean (as in an inversion with ``InversionConfig(k=net.config.k)``), so the
     answer can seed one: ``invert(..., cfg=InversionConfig(k=net.config.k), u0=result.u)``.
+
+    ``scale`` multiplies the predicted whitened code. A regression to noisy targets predicts their
+    conditional mean, which sits closer to the mean identity than any real code; ``scale > 1`` undoes part
+    of that shrinkage (``benchmarks/amortised_scale.md`` chooses it on one set of held-out identities and
+    measures it on another).
     """
     import time
 
@@ -219,8 +225,10 @@ def predict_inversion(space, net: AmortisedInverter, images) -> "Inversion":  # 
 
     if net.config.k > space.latent_dim:
         raise W2WError(f"the inverter predicts {net.config.k} dimensions but the space has {space.latent_dim}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise W2WError(f"scale must be a finite number > 0 (1: the net's own answer), not {scale!r}")
     t0 = time.perf_counter()
-    u = net.predict(images)                                                             # [G, k]
+    u = net.predict(images) * scale                                                     # [G, k]
     mean, std = prior_scale(space)
     z = mean.cpu().clone().expand(len(u), -1).clone()
     z[:, :net.config.k] = mean[:net.config.k].cpu() + std[:net.config.k].cpu() * u
@@ -231,18 +239,18 @@ def predict_inversion(space, net: AmortisedInverter, images) -> "Inversion":  # 
 
 
 def invert_amortised(pipe, space, net: AmortisedInverter, images, *, steps: int = 0, cfg=None, masks=None,
-                     keys=None, layout=None, progress: bool = True) -> "Inversion":  # noqa: F821
+                     keys=None, layout=None, progress: bool = True, scale: float = 1.0) -> "Inversion":  # noqa: F821
     """The amortised answer (``steps=0``), or that answer refined by ``steps`` gradient steps (HyperDreamBooth).
 
     ``images``: float ``[G, 3, H, W]`` in [-1, 1]. The refinement is :func:`w2wlib.invert.invert` over the
     net's ``k`` dimensions, started at its answer, with ``cfg``'s other settings (default: the gradient
-    defaults); its ``seconds`` include the forward pass.
+    defaults); its ``seconds`` include the forward pass. ``scale``: as :func:`predict_inversion`.
     """
     from . import InversionConfig, invert
 
     if steps < 0:
         raise W2WError(f"steps must be >= 0 (0: the forward pass alone); got {steps}")
-    first = predict_inversion(space, net, images)
+    first = predict_inversion(space, net, images, scale=scale)
     if steps == 0:
         return first
     cfg = dataclasses.replace(cfg or InversionConfig(), method="gradient", k=net.config.k, steps=steps, init="encoder")
