@@ -308,6 +308,14 @@ def test_w2w_invert_amortised_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no amortised inverter for the vae space" in err and "w2w spaces build" in err
     assert not (tmp_path / "c").exists()
+    assert main([*base, "--scale", "2.5", "--out", str(tmp_path / "d")]) == 0       # the answer, scaled
+    far = next(iter(load_file(str(tmp_path / "d" / "face" / "latent.safetensors")).values())).reshape(1, -1)
+    torch.testing.assert_close(far, predict_inversion(S.pca, AmortisedInverter.load(spaces / "amortised" / "pca"),
+                                                      load_images([tmp_path / "face.png"], 64), scale=2.5).z)
+    capsys.readouterr()
+    assert main(["invert", str(tmp_path / "face.png"), "--scale", "2", "--out", str(tmp_path / "e"),
+                 "--profile", str(profile)]) == 1
+    assert "--scale applies to --method amortised only" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 # --------------------------------------------------------------------------- amortised

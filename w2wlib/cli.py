@@ -183,7 +183,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     spaces = open_spaces(profile.path("spaces_dir"), profile.path("dataset_dir"), device=profile.device)
     pipe = load_pipeline(profile.path("world_dir") / "pipeline", device=profile.device)
     for folder in invert_files(args.images, args.out, pipe=pipe, spaces=spaces, space=args.space, cfg=cfg,
-                               amortised_steps=amortised_steps, n_preview=args.preview, overwrite=args.overwrite):
+                               amortised_steps=amortised_steps, amortised_scale=args.scale, n_preview=args.preview,
+                               overwrite=args.overwrite):
         print(folder)
     return 0
 
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimiser steps or CMA-ES generations; amortised: gradient steps after "
                                              "its answer (default 0)")
     p.add_argument("--k", type=int, help="search the first k latent dimensions (PCA: top-k components)")
+    p.add_argument("--scale", type=float, default=1.0, help="amortised: scale its answer away from the mean identity "
+                                                            "(benchmarks/amortised_scale.md chose 2.5; default 1)")
     p.add_argument("--lr", type=float, help="Adam learning rate (gradient)")
     p.add_argument("--seed", type=int, help="root seed of the noise draws")
     p.add_argument("--preview", type=int, default=4, help="images of each inverted model in its preview.png")

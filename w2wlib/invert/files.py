@@ -18,13 +18,14 @@ def _names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, pipe, spaces, space: str = "vae",
-                 cfg=None, amortised_steps: int | None = None, n_preview: int = 4, seed: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> list[Path]:
+                 cfg=None, amortised_steps: int | None = None, amortised_scale: float = 1.0, n_preview: int = 4,
+                 seed: int = 0, overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Invert each image file into ``spaces.space(space)`` (all in one batch) and export one folder each.
 
     ``cfg`` (an :class:`~w2wlib.invert.InversionConfig`) says how; or, with ``amortised_steps`` set, the
     space's shipped amortised inverter answers in one forward pass, refined by that many gradient steps
-    (0: none) with ``cfg``'s other settings.
+    (0: none) with ``cfg``'s other settings; ``amortised_scale`` scales its answer first
+    (:func:`~w2wlib.invert.amortised.predict_inversion`).
 
     Images are read with :func:`w2wlib.images.load_images` (grayscale and RGBA converted, square
     images resized, the rest refused with the fix). Each folder holds what :func:`w2wlib.export.export_lora`
@@ -43,6 +44,8 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     clash = [n for n in names if (out / n).exists()]
     if clash and not overwrite:
         raise W2WError(f"{out / clash[0]} exists: choose another --out, or pass --overwrite")
+    if amortised_steps is None and amortised_scale != 1.0:
+        raise W2WError("--scale applies to --method amortised only (it scales the inverter's answer)")
     cfg = cfg or InversionConfig()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     arr = load_images(list(paths), size)                                                  # [G, H, W, 3]
@@ -51,7 +54,7 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
         res = invert(pipe, spaces.space(space), to_tensor(arr), cfg=cfg, layout=layout, progress=progress)
     else:
         res = invert_amortised(pipe, spaces.space(space), spaces.amortised(space), to_tensor(arr),
-                               steps=amortised_steps, cfg=cfg, layout=layout, progress=progress)
+                               steps=amortised_steps, cfg=cfg, layout=layout, progress=progress, scale=amortised_scale)
     strips = preview_strips(pipe, res.W, layout, prompt=cfg.prompt, n_preview=n_preview, seed=seed, lead=arr,
                             progress=progress)
     written = []
