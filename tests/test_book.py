@@ -153,8 +153,8 @@ def _check_chapter_content(html) -> None:
     assert len(targets) >= 3 and {r[2] for r in targets} <= {"yes", "no"}
     # sampling: the dataset's LoRAs and three samplers, each with a consistency and a distance
     names = [r[0] for r in tables["sampling"]["models"][1:]]
-    assert names[:2] == ["sampled, PCA", "sampled, VAE"] and names[3] == "dataset, held out"
-    assert names[2].startswith("sampled, VAE (its codes") and len(names) == 4
+    assert names[:2] == ["sampled, PCA", "sampled, VAE"] and names[4] == "dataset, held out" and len(names) == 5
+    assert names[2].startswith("sampled, VAE (prior") and names[3].startswith("sampled, VAE (its codes")
 
 
 @pytest.mark.book
