@@ -11,7 +11,8 @@ DreamBooth-LoRA on 8 views (the ceiling).
 The identities run in shards of ``--shard-size``; each shard's record is written to ``--shards`` (JSON, stamped
 with the dataset) and skipped when the script runs again, so a long run (issue 13 asks for all 256 held-out
 identities: about 25 min a shard of 16 on one CPU thread) can be stopped and resumed, or spread over sessions
-and machines. ``--max-new`` bounds the shards run this time. After every shard, the shards done so far are
+and machines. ``--max-new`` bounds the shards run this time; ``--from-shard`` lets two processes work on
+different shards. After every shard, the shards done so far are
 merged (:func:`w2wlib.invert.evaluate.merge_records`) into ``--out`` (read by the chapter "Inversion"), and the
 Markdown table is printed. From the repo root:
 
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--identities", type=int, default=256, help="held-out identities in all (issue 13: 256)")
     ap.add_argument("--shard-size", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=None, help="shards to run this time (default: all missing)")
+    ap.add_argument("--from-shard", type=int, default=0, help="start at this shard (two processes: give each its own)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--w2w-steps", type=int, default=400)
     ap.add_argument("--generations", type=int, default=60)
@@ -60,7 +62,7 @@ def main() -> None:
     shards = Path(args.shards)
     shards.mkdir(parents=True, exist_ok=True)
     size, new = args.shard_size, 0
-    for first in range(0, len(seeds), size):
+    for first in range(args.from_shard * size, len(seeds), size):
         path = shards / f"shard-{first // size:03d}.json"
         part = seeds[first:first + size]
         done = read_record(path, S.dataset) if path.is_file() else None
