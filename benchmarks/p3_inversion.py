@@ -85,7 +85,7 @@ def main() -> None:
     write_record(args.out, out, S.dataset)
     ci = {name: "[{1:.3f}, {2:.3f}]".format(*bootstrap_ci(np.asarray(r["id"])))
           for name, r in [*((m["name"], m) for m in out["methods"]), *out["references"].items()]}
-    rows = [[m["name"], m["id_mean"], ci[m["name"]], m["id_input_mean"], f"{m['seconds_per_image']:.2f}"]
+    rows = [[m["name"], m["id_mean"], ci[m["name"]], m["id_input_mean"], f"{m['seconds_per_image']:.3g}"]
             for m in out["methods"]]
     rows += [[name, r["id_mean"], ci[name], "—", "—"] for name, r in out["references"].items()]
     print(f"{out['n']} of {len(seeds)} identities in {out['shards']} shards")

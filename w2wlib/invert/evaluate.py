@@ -58,7 +58,7 @@ def summary_row(name: str, scores: dict, seconds_per_image: float | None = None,
     m, lo, hi = bootstrap_ci(scores["id"], seed=seed)
     inp = scores.get("id_input")
     return [name, m, f"[{lo:.3f}, {hi:.3f}]", "—" if inp is None else float(torch.as_tensor(inp).mean()),
-            "—" if seconds_per_image is None else f"{seconds_per_image:.2f}"]
+            "—" if seconds_per_image is None else f"{seconds_per_image:.3g}"]
 
 
 def single_image_dreambooth(pipe, images: torch.Tensor, *, steps: int, lr: float, keys: Sequence[int] | None = None,
