@@ -154,3 +154,16 @@ def test_the_shipped_spaces_were_fit_on_the_shipped_dataset_with_the_mini_preset
     assert SpacesConfig.from_manifest(spaces) == SpacesConfig.preset("mini")
     for name in ("pca", "vae"):
         assert S.amortised(name).config.space == name
+
+
+def test_describe_oracle_states_every_summary_figure():
+    from w2wlib.dataset_build import describe_oracle
+
+    s = {"n": 256, "own_mean": 0.5613, "base_mean": -0.0071, "other_mean": 0.001, "margin_over_base": 0.5683,
+         "margin_over_other": 0.5603, "own_above_both": 0.99609375}
+    text = describe_oracle(s)
+    for figure in ("256 identities", "**0.561**", "-0.007", "0.001", "**0.568**", "**0.560**", "99.6 % of identities"):
+        assert figure in text, figure
+    assert "gap" not in text                                      # an older oracle without consistency figures
+    full = describe_oracle({**s, "consistency_within": 0.399, "consistency_across": -0.011, "consistency_gap": 0.410})
+    assert full.startswith(text) and "(identity consistency 0.399)" in full and "(-0.011)" in full and "**0.410**" in full

@@ -40,7 +40,7 @@ from .errors import W2WError
 from .stages import Stages, portable_path, write_manifest
 
 __all__ = ["DatasetConfig", "build_dataset", "STAGES", "training_seeds", "held_out_seeds", "class_images",
-           "instance_images", "fine_tune"]
+           "instance_images", "fine_tune", "describe_oracle"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,25 @@ def fine_tune(pipe, seeds, cfg: DatasetConfig, class_pool: torch.Tensor | None, 
     return train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe),
                             instance_images(seeds, db.images_per_identity), class_pool, db,
                             identity_keys=[int(s) for s in seeds], progress=progress, on_step=on_step)
+
+
+def describe_oracle(summary: dict) -> str:
+    """The oracle's summary (``oracle.json``'s ``summary``, see ``_oracle``) as one Markdown paragraph.
+
+    >>> describe_oracle({"n": 2, "own_mean": 0.5, "base_mean": 0.0, "other_mean": 0.1, "margin_over_base": 0.5,
+    ...                  "margin_over_other": 0.4, "own_above_both": 1.0}).split(",")[0]
+    'Over 2 identities: own LoRA **0.500**'
+    """
+    s = summary
+    text = (f"Over {s['n']} identities: own LoRA **{s['own_mean']:.3f}**, base model {s['base_mean']:.3f}, another "
+            f"identity's LoRA {s['other_mean']:.3f}. Margin over the base model **{s['margin_over_base']:.3f}**, over "
+            f"another LoRA **{s['margin_over_other']:.3f}**; the own LoRA scores above both for "
+            f"{100 * s['own_above_both']:.1f} % of identities.")
+    if "consistency_gap" in s:                     # datasets built before the gap was measured lack it
+        text += (f" A LoRA's own images agree with each other over noise seeds (identity consistency "
+                 f"{s['consistency_within']:.3f}) far more than images of different LoRAs do "
+                 f"({s['consistency_across']:.3f}): a gap of **{s['consistency_gap']:.3f}**.")
+    return text
 
 
 def _oracle(out: Path, cfg: DatasetConfig, pipe, enc, train: np.ndarray, progress: bool) -> dict:
