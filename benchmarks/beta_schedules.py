@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+
 from w2wlib.profile import load_profile
 
 

@@ -24,6 +24,7 @@ import argparse
 import time
 
 import torch
+
 from w2wlib.profile import load_profile
 
 

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+
 from w2wlib.profile import load_profile
 
 

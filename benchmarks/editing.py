@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+
 from w2wlib.profile import load_profile
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import time
 
 import torch
+
 from w2wlib.profile import load_profile
 
 

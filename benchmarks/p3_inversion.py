@@ -12,9 +12,9 @@ The identities run in shards of ``--shard-size``; each shard's record is written
 with the dataset) and skipped when the script runs again, so a long run (issue 13 asks for all 256 held-out
 identities: about 25 min a shard of 16 on one CPU thread) can be stopped and resumed, or spread over sessions
 and machines. ``--max-new`` bounds the shards run this time; ``--from-shard`` lets two processes work on
-different shards. After every shard, the shards done so far are
-merged (:func:`w2wlib.invert.evaluate.merge_records`) into ``--out`` (read by the chapter "Inversion"), and the
-Markdown table is printed. From the repo root:
+different shards. At the end, every shard recorded so far is merged
+(:func:`w2wlib.invert.evaluate.merge_records`) into ``--out`` (read by the chapter "Inversion"), and the Markdown
+table is printed (``--max-new 0`` only merges). From the repo root:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/p3_inversion.py --identities 256 --ceiling 8 --max-new 2
 """

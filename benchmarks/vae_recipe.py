@@ -30,6 +30,7 @@ import dataclasses
 import time
 
 import torch
+
 from w2wlib.profile import load_profile
 
 VARIANTS = {
