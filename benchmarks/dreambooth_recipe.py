@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--setting", action="append", default=None,
                     help="LR:STEPS[:PRIOR_WEIGHT[:SCHEDULE]] (prior weight default 0, schedule constant|cosine), repeatable")
     ap.add_argument("--images", type=int, default=8, help="instance images per identity")
+    ap.add_argument("--batch-per-identity", type=int, default=1, help="instance images per identity and step")
     ap.add_argument("--class-images", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=6, help="noise seeds per LoRA in the score")
     ap.add_argument("--guidance", type=float, default=7.5, help="CFG of the scored images (SD 1.5's default 7.5)")
@@ -55,7 +56,7 @@ def main() -> None:
     base_imgs = generate(pipe, None, **gen)
     base = identity_scores(enc, np.tile(base_imgs, (len(seeds), 1, 1, 1)), refs, m, m)
     cls = None
-    print(f"world {args.world}; {len(seeds)} identities x {k} renders; score over {m} noise seeds at CFG {args.guidance}; "
+    print(f"world {args.world}; {len(seeds)} identities x {k} renders, {args.batch_per_identity} per step; score over {m} noise seeds at CFG {args.guidance}; "
           f"torch threads {torch.get_num_threads()}; base model ID {base.mean():.3f}")
     print("lr | steps | prior weight | schedule | s per identity | own ID | other's LoRA | own > base & other | "
           "consistency within | across | gap")
@@ -68,7 +69,8 @@ def main() -> None:
             cls = D.generate_class_images(pipe, args.class_images, seed=0, num_inference_steps=25,
                                           guidance_scale=args.guidance, progress=False)
         cfg = D.DreamBoothConfig(lr=float(lr), steps=int(steps), prior_loss_weight=float(prior), lr_schedule=schedule,
-                                 images_per_identity=k, class_images=args.class_images)
+                                 images_per_identity=k, class_images=args.class_images,
+                                 batch_per_identity=args.batch_per_identity)
         t0 = time.perf_counter()
         W = D.train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe),
                                images, cls if float(prior) else None, cfg, identity_keys=seeds, progress=False)

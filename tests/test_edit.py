@@ -205,6 +205,13 @@ def test_edit_scores_against_hand_counts():
     assert removed["flip_rate"] == 0.0                  # image 1 kept its beard (image 5)
     with pytest.raises(W2WError, match="reads no attribute 'Halo'"):
         edit_scores(enc, before, after, refs, "Halo", 1, n_per_row=2)
+    # a face scorer (no attribute head, as FaceNet for real photos): the identity kept alone, no readings
+    class FaceOnly:
+        embed = enc.embed
+
+    face = edit_scores(FaceOnly(), before, after, refs, "Beard", 1, n_per_row=2)
+    assert face["id_kept"] == s["id_kept"]
+    assert all(np.isnan(face[k]) for k in ("flip_rate", "before_rate", "after_rate", "others_kept"))
 
 
 def test_editing_refuses_bad_input(S, pipe, dirs, tmp_path):

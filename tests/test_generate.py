@@ -90,3 +90,50 @@ def test_reconstruction_id_scores_score_rows_their_reconstructions_and_the_base(
     torch.testing.assert_close(scores["PCA"], functional_id_scores(shipped_pipe, enc, recon["PCA"], seeds, **kw))
     torch.testing.assert_close(scores["base model"], functional_id_scores(shipped_pipe, enc, None, seeds, **kw))
     assert images["own LoRA (oracle)"].shape == (2, 64, 64, 3) and images["base model"].shape == (1, 64, 64, 3)
+
+
+def test_weights_scores_take_any_reference_images(pipe, W, micro_world):
+    """The library's call (references given, no world): the same scores as the world's seed wrapper, and the
+    base model scored once against every person's references."""
+    from w2wlib.scoring import reconstruction_scores, weights_scores
+    from w2wlib.world.encoder import load_encoder
+    from w2wlib.world.render import EVAL_VIEWS, identity_views
+
+    enc = load_encoder(micro_world / "identity_encoder")
+    seeds = [10**9 + 1, 10**9 + 2, 10**9 + 3]
+    refs = identity_views(seeds, 2, EVAL_VIEWS)
+    scores, images = weights_scores(pipe, enc, W, refs, n_images=2, n_refs=2, steps=2)
+    torch.testing.assert_close(scores, functional_id_scores(pipe, enc, W, seeds, n_images=2, n_renders=2, steps=2))
+    assert np.array_equal(images, generate(pipe, W, n_per_row=2, steps=2))
+    base, one = weights_scores(pipe, enc, None, refs, n_images=2, n_refs=2, steps=2)
+    assert one.shape == (2, 64, 64, 3)
+    torch.testing.assert_close(base, identity_scores(enc, np.tile(one, (3, 1, 1, 1)), refs, 2, 2), atol=1e-6, rtol=0)
+    with pytest.raises(W2WError, match="not a whole number of sets of n_refs=4"):
+        weights_scores(pipe, enc, W, refs, n_refs=4)
+    with pytest.raises(W2WError, match="W has 2 rows but the references are of 3 people"):
+        weights_scores(pipe, enc, W[:2], refs, n_refs=2)
+    # a space's reconstructions scored by the same call; a space that keeps everything reconstructs exactly
+    class Exact:
+        def encode_weights(self, w):
+            return w
+
+        def decode_weights(self, z):
+            return z
+
+    got, recon, _ = reconstruction_scores(pipe, enc, W, {"exact": Exact()}, refs, n_images=2, n_refs=2, steps=2)
+    assert torch.equal(recon["exact"], W) and list(got) == ["own LoRA (oracle)", "exact", "base model"]
+    torch.testing.assert_close(got["exact"], scores)
+    torch.testing.assert_close(got["base model"], base)
+
+
+def test_a_negative_prompt_steers_guidance_and_none_is_the_default(pipe, W):
+    kw = dict(n_per_row=2, seed=1, steps=3, guidance=4.0)
+    plain = generate(pipe, W[:1], **kw)
+    assert np.array_equal(plain, generate(pipe, W[:1], negative_prompt="", **kw))
+    neg = generate(pipe, W[:1], negative_prompt="a photo of a man with beard", **kw)
+    assert neg.shape == plain.shape and not np.array_equal(neg, plain)
+    # the reference: diffusers' own call with the same negative prompt (our bank off: the base model)
+    base = generate(pipe, None, negative_prompt="blurry", **kw)
+    ref = pipe(["a photo of sks person"] * 2, negative_prompt=["blurry"] * 2, height=64, width=64, num_inference_steps=3,
+               guidance_scale=4.0, generator=[image_generator(1, j) for j in range(2)], output_type="np").images
+    assert np.abs(base.astype(int) - (ref * 255).round().astype(int)).max() <= 1

@@ -463,3 +463,40 @@ def test_target_checks_read_issue_13s_targets_off_a_record():
     assert "VAE, gradient (ours): ID 0.700" in target_checks(rec(0.70, 2.0, 0.02, 0.64, 0.8))[0][1]
     with pytest.raises(W2WError, match="baseline"):
         target_checks({"methods": [], "best_over_ceiling": None})
+
+
+def test_load_people_reads_a_folder_of_photos_or_of_people(tmp_path):
+    from PIL import Image
+
+    from w2wlib.images import load_people
+
+    rng = np.random.default_rng(0)
+
+    def photo(path, size=80):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+    for name in ("b.png", "a.jpg"):
+        photo(tmp_path / "flat" / name)
+    (tmp_path / "flat" / "notes.txt").write_text("not a photo")
+    inputs, refs, names = load_people(tmp_path / "flat", 64)
+    assert inputs.shape == (2, 64, 64, 3) and names == ["a", "b"] and np.array_equal(refs, inputs)
+    for person, n in (("ann", 3), ("bob", 4)):
+        for i in range(n):
+            photo(tmp_path / "people" / person / f"{i}.png")
+    inputs, refs, names = load_people(tmp_path / "people", 64)
+    assert names == ["ann", "bob"] and inputs.shape == (2, 64, 64, 3) and refs.shape == (4, 64, 64, 3)   # m = 2 each
+    assert np.array_equal(inputs[1], load_images([tmp_path / "people/bob/0.png"], 64)[0])
+    assert np.array_equal(refs[2:], load_images([tmp_path / f"people/bob/{i}.png" for i in (1, 2)], 64))
+    photo(tmp_path / "people" / "cy" / "0.png")
+    with pytest.raises(W2WError, match=r"1 person folder\(s\) .* fewer than 2 images \(cy\)"):
+        load_people(tmp_path / "people", 64)
+    with pytest.raises(W2WError, match="is not a folder: give a folder of face photos"):
+        load_people(tmp_path / "nowhere", 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(W2WError, match="holds no images"):
+        load_people(tmp_path / "empty", 64)
+    photo(tmp_path / "wide" / "w.png")
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(tmp_path / "wide" / "w.png")
+    with pytest.raises(W2WError, match="not square"):
+        load_people(tmp_path / "wide", 64)

@@ -173,3 +173,22 @@ def test_a_profile_from_a_yaml_file_reaches_its_notebooks_by_path(tmp_path):
     assert notebook_parameters(project_root() / "book" / "training_vae.ipynb", load_profile("smoke"))["profile"] == "smoke"
     with pytest.raises(ProfileError, match="unknown profile 'mine'"):
         load_profile(p.name)                        # what the notebook got before: the stem
+
+
+def test_open_models_gives_the_mini_worlds_pipeline_encoder_and_drawing_settings():
+    from w2wlib.models import has_attributes, open_models
+    from w2wlib.world.encoder import IdentityEncoder
+    from w2wlib.world.pipeline import load_pipeline
+
+    P = load_profile("mini")
+    M = open_models(P, steps=3)
+    want = load_pipeline(P.path("world_dir") / "pipeline")
+    for a, b in zip(M.pipe.unet.state_dict().values(), want.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert isinstance(M.scorer, IdentityEncoder) and has_attributes(M.scorer)
+    assert M.draw == {"prompt": "a photo of sks person", "negative_prompt": "", "steps": 3, "guidance": 7.5,
+                      "layout": M.dataset.lora_layout(M.pipe.unet)}
+    assert M.spaces.dataset is M.dataset and len(M.dataset) == 4096
+    swapped = open_models(P.with_overrides({"sampler.scheduler": "PNDMScheduler"}), spaces=False, scorer=False)
+    assert type(swapped.pipe.scheduler).__name__ == "PNDMScheduler" and swapped.scorer is None
+    assert swapped.draw["steps"] == 25 and swapped.spaces is None

@@ -266,7 +266,7 @@ def test_bad_arguments_are_one_line_errors(S, pipe, commands, tmp_path, capsys):
 
 def test_the_live_widget_draws_through_the_kernel(S, pipe):
     ends = {"held-out 0": S.dataset.rows(S.val_rows[:1])[0], "held-out 1": S.dataset.rows(S.val_rows[1:2])[0]}
-    box = interpolation_widget(pipe, S, ends, steps=2)
+    box = interpolation_widget(pipe, S, ends, steps=2, guidance=4.0)
     controls, image = box.children
     first = image.value
     assert first[:4] == b"\x89PNG"

@@ -1,14 +1,16 @@
 """The sd15 world as far as a CPU allows: its spaces built from a small fake of the public w2w files, and
 the rule by which `w2w book` / `w2w run` skip the chapters that do not run in a profile's world.
 
-The fake has the public formats exactly: the hub's file names and arrangement, ``weight_dimensions.pt`` as
-an ordered dict ``key -> [[numel], torch.Size(shape)]`` over SD 1.5's own LoRA layout (D = 99,648, w2w's
-``lora_unet_`` key prefix), float32 ``all_weights.pt``, ``mean.pt`` and ``std.pt``, but only 60 identities.
+The fakes (``tests/sd15_fakes.py``) have the public formats exactly: the hub's file names and arrangement,
+``weight_dimensions.pt`` as an ordered dict ``key -> [[numel], torch.Size(shape)]`` over SD 1.5's own LoRA layout
+(D = 99,648, w2w's ``lora_unet_`` key prefix), float32 ``all_weights.pt``, ``mean.pt`` and ``std.pt``, but only
+60 identities; and a diffusers pipeline with SD 1.5's UNet (random weights, latent size 8). With them and the
+FaceNet scorer on random weights, ``w2w book`` runs every chapter that has an sd15 path under ``sd15-dry``:
+the sd15 profile with only its paths, device, scorer weights and sizes changed.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import shutil
@@ -26,35 +28,15 @@ from w2wlib.spaces.build import SpacesConfig, build_spaces
 from w2wlib.spaces.shipped import open_spaces
 from w2wlib.stages import verify_manifest
 
-N, RANK = 60, 12      # identities in the fake; rank of its identity structure
+from sd15_fakes import N_PUBLIC, dry_profile, write_photos, write_public_files, write_sd15_pipeline
+
+N = N_PUBLIC          # identities in the fake public files
 
 
 @pytest.fixture(scope="module")
 def public(tmp_path_factory):
     """The public w2w files (hub arrangement) for N identities of SD 1.5's layout: low rank plus noise."""
-    from w2wlib.lora import sd15_layout
-
-    layout = sd15_layout()
-    assert layout.dim == SD15_DIM
-    g = torch.Generator().manual_seed(0)
-    scales = 10 * 0.7 ** torch.arange(RANK, dtype=torch.float32)                    # a decaying spectrum
-    codes = torch.randn(N, RANK, generator=g) * scales                              # [N, r]
-    basis = torch.randn(RANK, SD15_DIM, generator=g) / SD15_DIM ** 0.5             # [r, D]
-    W = 0.01 * (codes @ basis * 30 + 0.05 * torch.randn(N, SD15_DIM, generator=g)) + 0.002  # [N, D] float32
-    folder = tmp_path_factory.mktemp("w2w_public")
-    (folder / "files").mkdir()
-    (folder / "weights_datasets/identities").mkdir(parents=True)
-    wd = collections.OrderedDict()                      # w2w's key -> [[numel], shape], in the flat order
-    for e in layout.entries:
-        for ab, shape in (("A", e.a_shape), ("B", e.b_shape)):
-            wd[f"lora_unet_{e.module}.lora_{ab}.weight"] = [[shape[0] * shape[1]], torch.Size(shape)]
-    torch.save(W, folder / "weights_datasets/identities/all_weights.pt")
-    torch.save(W.mean(0), folder / "files/mean.pt")
-    torch.save(W.std(0), folder / "files/std.pt")
-    torch.save(wd, folder / "files/weight_dimensions.pt")
-    (folder / "files/adapter_config.json").write_text(json.dumps({"r": 1, "lora_alpha": 27,
-                                                                  "target_modules": ["to_q", "to_v"]}))
-    return folder
+    return write_public_files(tmp_path_factory.mktemp("w2w_public"))
 
 
 def small(cfg: SpacesConfig) -> SpacesConfig:
@@ -236,27 +218,93 @@ def test_w2w_book_skips_a_chapter_of_another_world_and_says_why(book_root, capsy
     assert "This chapter was not run in this build" in page and "it builds the mini world itself" in page
 
 
-def test_the_training_chapter_runs_on_the_sd15_code_path(public, public_spaces, root, tmp_path):
-    """"Training the VAE" under the sd15 profile itself, with only its paths, device and chapter sizes changed:
-    the fake public files and their spaces in place of the downloads and `w2w spaces build --config sd15`."""
-    import yaml
+#: The chapters' sizes under sd15-dry: a step or two of everything (a forward of SD 1.5's UNet takes about 1 s here).
+DRY_SIZES = {
+    "weights_dataset": {"n_pin": 2, "pin_images": 2, "inference_steps": 2, "n_stats": 60, "n_components": 16},
+    "training_vae": {"steps": 4, "compare_steps": 4, "pca_ks": [2, 4, 8]},
+    "latent_space": {"n_eval": 2, "n_images": 2, "inference_steps": 2, "sweep": [2, 4]},
+    "sampling": {"n_samples": 2, "n_images": 2, "inference_steps": 2, "interp_steps": 3, "n_paths": 1, "n_fit": 16},
+    "editing": {"attributes": ["Male"], "n_rows": 2, "n_images": 2, "inference_steps": 2, "strengths": [0, 3],
+                "switches": [1000, 0]},
+    "inversion": {"steps": 2, "w2w_steps": 2, "generations": 2, "amortised_steps": 1, "n_images": 2,
+                  "inference_steps": 2},
+}
 
-    out, _ = public_spaces
-    data = yaml.safe_load((root / "w2wlib" / "profiles" / "sd15.yaml").read_text())
-    data["settings"].update(dataset_dir=str(public), spaces_dir=str(out), device="cpu")
-    data["notebooks"]["training_vae"] = {"steps": 4, "compare_steps": 4, "pca_ks": [2, 4, 8]}
-    path = tmp_path / "sd15-dry.yaml"
-    path.write_text(yaml.safe_dump(data))
-    profile = load_profile(path, root=root)
-    assert profile.get("world") == "sd15" and unsupported_reason(root / "book" / "training_vae.ipynb", profile) is None
-    executed = tmp_path / "training_vae.ipynb"
-    run_notebook(root / "book" / "training_vae.ipynb", executed, profile, progress=False)
+
+@pytest.fixture(scope="module")
+def sd15_dry(public, public_spaces, root, tmp_path_factory):
+    """The sd15-dry profile (a YAML file): sd15.yaml with the fakes in place of its downloads."""
+    folder = tmp_path_factory.mktemp("sd15_dry")
+    pipeline = write_sd15_pipeline(folder / "pipeline", load_profile("mini").path("world_dir") / "pipeline")
+    photos = write_photos(folder / "photos", 2)          # one photo per person: each its own reference
+    return dry_profile(root, folder / "sd15-dry.yaml", public=public, spaces=public_spaces[0], pipeline=pipeline,
+                       photos=photos, notebooks=DRY_SIZES)
+
+
+def _outputs(executed) -> tuple[str, list]:
     outputs = [o for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", [])]
     text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    return text, outputs
+
+
+def test_the_sd15_dry_profile_is_the_sd15_profile_on_fakes(sd15_dry, root):
+    from w2wlib.facenet import FaceScorer
+    from w2wlib.models import has_attributes, open_models
+
+    dry, sd15 = load_profile(sd15_dry, root=root), load_profile("sd15")
+    same = {k for k in sd15.settings if k not in ("dataset_dir", "spaces_dir", "data_dir", "base_model", "device",
+                                                    "dtype", "scorer_options", "sampler")}
+    assert {k: dry.get(k) for k in same} == {k: sd15.get(k) for k in same}
+    M = open_models(dry)
+    assert M.pipe.unet.config.cross_attention_dim == 768 and M.draw["layout"].dim == SD15_DIM
+    assert M.draw["prompt"] == "sks person" and M.draw["negative_prompt"] == sd15.get("sampler.negative_prompt")
+    assert M.draw["guidance"] == 3.0 and M.draw["steps"] == 2
+    assert isinstance(M.scorer, FaceScorer) and not has_attributes(M.scorer)
+    with pytest.raises(W2WError, match=r"scorer_options has \['weights'\]"):
+        open_models(dry.with_overrides({"scorer_options": {"weights": "x"}}), spaces=False)
+    with pytest.raises(W2WError, match="not a diffusers scheduler class"):
+        open_models(dry.with_overrides({"sampler.scheduler": "Adam"}), spaces=False, scorer=False)
+    with pytest.raises(W2WError, match="no such folder, and not a hub id"):
+        open_models(dry.with_overrides({"base_model": "./no/such/pipeline"}), spaces=False, scorer=False)
+
+
+def test_w2w_book_builds_every_sd15_chapter_on_the_dry_world(sd15_dry, root, tmp_path):
+    """`w2w book --profile sd15-dry.yaml`: the chapters with an sd15 path run, the others are skipped with a reason."""
+    profile = load_profile(sd15_dry, root=root)
+    build_book(profile, out=tmp_path / "_build", progress=False)
+    runs = {r["path"]: r for r in json.loads((tmp_path / "_build/runs.json").read_text())}
+    ran = sorted(p.split("/")[-1].removesuffix(".ipynb") for p, r in runs.items() if not r["skipped"])
+    assert ran == sorted(DRY_SIZES)
+    assert "it builds and inspects the mini world itself" in runs["book/mini_world.ipynb"]["skipped"]
+    src = tmp_path / "_build/src/book"
+    # "Training the VAE": the public layout, the mini record refused, the six schedules live
+    text, outputs = _outputs(src / "training_vae.ipynb")
     assert f"D = {SD15_DIM:,}" in text and "WeightsDataset(" in text and "layout='w2w'" in text
     assert "was recorded on another dataset" in text                 # the mini record is refused, the six run live
     assert all(f"| {name} |" in text for name in ("β 1, constant", "β D, cyclical", "β D, warm-up + linear, free bits 0.5"))
-    assert "at k = 4: PCA" in text and sum(o.get("output_type") == "error" for o in outputs) == 0
+    assert "at k = 4: PCA" in text
+    # "Sampling and interpolation": SD 1.5's UNet draws every source, FaceNet scores them, no attribute table
+    text, outputs = _outputs(src / "sampling.ipynb")
+    assert "| sampled, PCA |" in text and "| dataset, held out |" in text and "| VAE, slerp |" in text
+    assert "reads identities, not attributes" in text
+    # "The dataset of weights": the public files' statistics, then each public LoRA's images and their consistency
+    text, _ = _outputs(src / "weights_dataset.ipynb")
+    assert "layout='w2w'" in text and "identity consistency over 2 noise seeds: within a LoRA" in text
+    assert "balanced accuracy" in text                                  # the probe reads the converted labels
+    # "The latent space": reconstructions scored against the own LoRA's images (public rows come without photos)
+    text, _ = _outputs(src / "latent_space.ipynb")
+    assert "scored against own LoRA, other seeds" in text and "| own LoRA (oracle) |" in text and "| VAE (w2w++) |" in text
+    # "Editing": the directions' AUC from the labels, the identity kept, no flip rates without an attribute head
+    text, _ = _outputs(src / "editing.ipynb")
+    assert "| Male | PCA |" in text and "only the identity kept is measured here" in text
+    # "Inversion": the user's photos (a folder), every method, no ceiling
+    text, _ = _outputs(src / "inversion.ipynb")
+    for row in ("PCA, gradient (w2w's recipe)", "VAE, gradient (ours)", "VAE, CMA-ES", "floor: base model",
+                "DreamBooth on the one input (unconstrained)"):
+        assert f"| {row} |" in text, row
+    assert "ceiling:" not in text and "amortised" not in text.split("amortised inverters:")[0]
+    for stem in ran:
+        assert (tmp_path / f"_build/html/book/{stem}.html").is_file()
 
 
 def test_w2ws_underscore_keys_map_through_sd15s_own_unet(public):

@@ -165,9 +165,8 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 def _cmd_invert(args: argparse.Namespace) -> int:
     from .invert import InversionConfig
     from .invert.files import invert_files
+    from .models import open_models
     from .profile import load_profile
-    from .spaces.shipped import open_spaces
-    from .world.pipeline import load_pipeline
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
     over = {k: v for k, v in (("steps", args.steps), ("k", args.k), ("lr", args.lr), ("seed", args.seed)) if v is not None}
@@ -180,8 +179,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         cfg = InversionConfig(**over)
     else:
         cfg = InversionConfig.w2w(**over) if args.recipe == "w2w" else InversionConfig(method=args.method, **over)
-    spaces = open_spaces(profile.path("spaces_dir"), profile.path("dataset_dir"), device=profile.device)
-    pipe = load_pipeline(profile.path("world_dir") / "pipeline", device=profile.device)
+    M = open_models(profile, scorer=False, pca_k=False)     # w2w inverts with every stored component
+    pipe, spaces = M.pipe, M.spaces
     for folder in invert_files(args.images, args.out, pipe=pipe, spaces=spaces, space=args.space, cfg=cfg,
                                amortised_steps=amortised_steps, amortised_scale=args.scale, n_preview=args.preview,
                                overwrite=args.overwrite):
@@ -189,16 +188,15 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_context(args: argparse.Namespace):
-    """(pipeline, spaces) of the profile, for the commands that make models (sample, edit, export)."""
+def _model_context(args: argparse.Namespace, pca_k: bool = True):
+    """(pipeline, spaces) of the profile, for the commands that make models (sample, edit, export); the PCA keeps
+    the profile's ``pca_k`` components (``pca_k=False``: all, so that a latent of any size decodes)."""
+    from .models import open_models
     from .profile import load_profile
-    from .spaces.shipped import open_spaces
-    from .world.pipeline import load_pipeline
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
-    spaces = open_spaces(profile.path("spaces_dir"), profile.path("dataset_dir"), device=profile.device)
-    pipe = load_pipeline(profile.path("world_dir") / "pipeline", device=profile.device)
-    return pipe, spaces
+    M = open_models(profile, scorer=False, pca_k=pca_k)
+    return M.pipe, M.spaces
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -233,7 +231,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise W2WError("give exactly one of --row I (a dataset row) or --latent FILE (a latent.safetensors)")
     formats = check_formats(args.format or ["diffusers", "peft"])
     check_count(args.preview, "--preview", "a number of images")
-    pipe, spaces = _model_context(args)
+    pipe, spaces = _model_context(args, pca_k=False)
     print(export_to_folder(args.out, pipe=pipe, spaces=spaces, row=args.row, latent=args.latent, space=args.space,
                            formats=formats, n_preview=args.preview, seed=args.seed,
                            overwrite=args.overwrite))

@@ -200,11 +200,17 @@ def edit_scores(encoder, before: np.ndarray, after: np.ndarray, references: np.n
     ``flip_rate`` (of the image pairs whose unedited image lacks ``target``, as the encoder's attribute
     head reads it, the share whose edited image has it), ``id_kept`` (mean ID score of the edited images
     against the references), ``others_kept`` (the share of the other attributes' readings left unchanged),
-    and ``before_rate``/``after_rate`` (the share of images showing ``target``).
+    and ``before_rate``/``after_rate`` (the share of images showing ``target``). A scorer without an attribute
+    head (FaceNet, for real photos) gives ``id_kept`` alone, the attribute readings NaN.
     """
     from .metrics import identity_scores
+    from .models import has_attributes
     from .world.render import ATTRIBUTES
 
+    id_kept = float(identity_scores(encoder, after, references, n_per_row, n_per_row).mean())
+    if not has_attributes(encoder):
+        nan = float("nan")
+        return {"flip_rate": nan, "before_rate": nan, "after_rate": nan, "id_kept": id_kept, "others_kept": nan}
     if attribute not in ATTRIBUTES:
         raise W2WError(f"the encoder reads no attribute {attribute!r}: choose from {', '.join(ATTRIBUTES)}")
     j = ATTRIBUTES.index(attribute)
@@ -216,13 +222,14 @@ def edit_scores(encoder, before: np.ndarray, after: np.ndarray, references: np.n
     others[j] = False
     return {"flip_rate": flip, "before_rate": float((pb[:, j] == want).float().mean()),
             "after_rate": float((pa[:, j] == want).float().mean()),
-            "id_kept": float(identity_scores(encoder, after, references, n_per_row, n_per_row).mean()),
+            "id_kept": id_kept,
             "others_kept": float((pb[:, others] == pa[:, others]).float().mean())}
 
 
 def edit_sweep(pipe, encoder, space, W: torch.Tensor, direction: Direction, strengths: Sequence[float], *,
                n_images: int = 4, seed: int = 0, steps: int = 25, guidance: float = 4.0, switch_t: int = SWITCH_T,
-               layout=None, prompt: str = "a photo of sks person", progress: bool = False) -> list[dict]:
+               layout=None, prompt: str = "a photo of sks person", negative_prompt: str = "",
+               progress: bool = False) -> list[dict]:
     """:func:`edit_scores` of the rows ``W [G, D]`` edited at each strength: one dict per strength.
 
     The unedited images use noise ``seed``, the references noise ``seed + 1``; every edit is drawn with
@@ -233,7 +240,8 @@ def edit_sweep(pipe, encoder, space, W: torch.Tensor, direction: Direction, stre
 
     from .generate import generate
 
-    kw = dict(n_per_row=n_images, steps=steps, guidance=guidance, layout=layout, prompt=prompt)
+    kw = dict(n_per_row=n_images, steps=steps, guidance=guidance, layout=layout, prompt=prompt,
+              negative_prompt=negative_prompt)
     before = generate(pipe, W, seed=seed, **kw)
     refs = generate(pipe, W, seed=seed + 1, **kw)
     out = []

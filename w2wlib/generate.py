@@ -41,7 +41,7 @@ def image_generator(seed: int, j: int, device: torch.device | str = "cpu") -> to
 def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of sks person", n_per_row: int = 1,
              seed: int = 0, steps: int = 25, guidance: float = 4.0, batch: int = 32,
              layout: LoraLayout | None = None, progress: bool = False, edited: torch.Tensor | None = None,
-             switch_t: int | None = None) -> np.ndarray:
+             switch_t: int | None = None, negative_prompt: str = "") -> np.ndarray:
     """Images of each LoRA in ``W [G, D]`` (``None``: the base model, one "row"), uint8 ``[G * n_per_row, H, W, 3]``.
 
     Images are row-major: ``out[g * n_per_row + j]`` is image ``j`` of row ``g``. ``layout`` is the
@@ -52,7 +52,7 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
     ``edited`` ``[G, D]`` (with ``switch_t``) are edited rows of ``W``: row ``g`` denoises the steps with
     timestep ``t > switch_t`` with ``W[g]`` and the steps with ``t <= switch_t`` with ``edited[g]``. A
     ``switch_t`` at or above the first timestep gives ``generate(pipe, edited)``, one below the last gives
-    ``generate(pipe, W)``.
+    ``generate(pipe, W)``. ``negative_prompt`` is the prompt of guidance's unconditional branch ("" : none).
     """
     from tqdm.auto import tqdm
 
@@ -89,6 +89,7 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
             idx = [g for g, _ in chunk]
             kwargs = dict(prompt=[prompt] * len(chunk), height=size, width=size, num_inference_steps=steps,
                           guidance_scale=guidance, output_type="np",
+                          negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                           generator=[image_generator(seed, j, device) for _, j in chunk])  # image j alike in every row
             with contextlib.nullcontext() if bank is None else bank.use(W[idx]), \
                     contextlib.nullcontext() if edited is None else _switch_at(pipe.unet, bank, edited[idx], switch_t):

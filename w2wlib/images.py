@@ -22,7 +22,9 @@ import torch
 
 from .errors import W2WError
 
-__all__ = ["load_images", "check_image_batch"]
+__all__ = ["load_images", "load_people", "check_image_batch"]
+
+_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,43 @@ def load_images(items: Sequence[Any] | Any, size: int) -> np.ndarray:
             img = img.resize((size, size), Image.LANCZOS)
         out.append(np.asarray(img, dtype=np.uint8))
     return np.stack(out)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES)
+
+
+def load_people(folder: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Photos of people to invert, from a folder: ``(inputs [G, size, size, 3], references [G * m, ...], names)``.
+
+    - **A folder of images**: one person each, named by the file; each photo is also its own reference
+      (``m = 1``), so an inversion is scored against the photo it saw.
+    - **A folder of folders**: one person each, named by the folder; its first image (by file name) is the
+      input, the next ``m`` images are references that no inversion sees, ``m`` being the fewest any person has
+      beyond the input. Each person needs at least two images.
+
+    Every image goes through :func:`load_images` (converted where safe, refused where not).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise W2WError(f"{folder} is not a folder: give a folder of face photos (one per person), or a folder with "
+                       f"one folder of photos per person")
+    people = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not people:
+        files = _image_files(folder)
+        if not files:
+            raise W2WError(f"{folder} holds no images ({', '.join(_SUFFIXES)}) and no folders of them")
+        inputs = load_images(files, size)
+        return inputs, inputs.copy(), [p.stem for p in files]
+    files = {p.name: _image_files(p) for p in people}
+    short = [name for name, f in files.items() if len(f) < 2]
+    if short:
+        raise W2WError(f"{len(short)} person folder(s) in {folder} hold fewer than 2 images ({', '.join(short[:5])}): "
+                       f"each needs an input photo and at least one reference photo")
+    m = min(len(f) for f in files.values()) - 1
+    inputs = load_images([f[0] for f in files.values()], size)
+    refs = load_images([p for f in files.values() for p in f[1:1 + m]], size)
+    return inputs, refs, list(files)
 
 
 _RANGE_TOL = 1e-3            # float images may overshoot [-1, 1] by rounding, by no more than this

@@ -67,6 +67,11 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "spaces_config": "mini",  # the SpacesConfig preset that builds this world's spaces (w2w spaces build --config)
     "pca_k": None,            # principal components used to sample and edit; None = every stored component
     "scorer": "encoder",      # the ID scorer: encoder (the mini world's identity encoder) or facenet (real photos)
+    "scorer_options": {       # facenet only (w2wlib.models.open_scorer -> w2wlib.facenet.load_face_scorer):
+        "align": True,        #   MTCNN crops, as w2w++ scored (false: the centre square of each image)
+        "pretrained": True,   #   facenet-pytorch's published weights, downloaded on first use (false: random)
+        "cache_dir": None,    #   where they are kept (None: w2wlib.facenet.weights.default_cache_dir())
+    },
     "w2w_repo": None,         # the hub repo of the public weights2weights files (None: this world has none)
     "w2w_revision": None,     # its revision; None = the default branch
 }

@@ -276,13 +276,14 @@ def export_to_folder(out: str | os.PathLike, *, pipe, spaces, row: int | None = 
     return folder
 
 
-def interpolation_widget(pipe, spaces, endpoints: dict[str, torch.Tensor], *, steps: int = 25, seed: int = 0,
-                         guidance: float = 4.0, scale: int = 4):
+def interpolation_widget(pipe, spaces, endpoints: dict[str, torch.Tensor], *, seed: int = 0, scale: int = 4, **draw):
     """A live ipywidget: two identities (keys of ``endpoints``, raw rows ``[D]``), a space and a position.
 
     Each change re-encodes the two identities into the chosen space, decodes the point at that position
     (linear; slerp in the VAE when chosen) and draws it through the kernel; in a static page it shows its
-    first image only (the chapter adds :func:`w2wlib.viz.image_slider` frames for that).
+    first image only (the chapter adds :func:`w2wlib.viz.image_slider` frames for that). ``draw`` are the
+    keyword arguments of :func:`~w2wlib.generate.generate` (``steps``, ``guidance``, ``prompt``, ``layout``...:
+    a chapter passes :attr:`w2wlib.models.Models.draw`); prompt and layout default to the dataset's.
     """
     import ipywidgets as widgets
 
@@ -292,7 +293,7 @@ def interpolation_widget(pipe, spaces, endpoints: dict[str, torch.Tensor], *, st
     names = list(endpoints)
     if len(names) < 2:
         raise W2WError(f"the widget needs at least two identities to go between, got {len(names)}")
-    layout, prompt = spaces.dataset.lora_layout(pipe.unet), instance_prompt(spaces.dataset)
+    kw = {"layout": spaces.dataset.lora_layout(pipe.unet), "prompt": instance_prompt(spaces.dataset), **draw}
     image = widgets.Image(format="png")
 
     def draw(a: str, b: str, space: str, position: float) -> None:
@@ -303,7 +304,7 @@ def interpolation_widget(pipe, spaces, endpoints: dict[str, torch.Tensor], *, st
             t = torch.tensor([float(position)])
             z = slerp(za, zb, t) if mode == "slerp" else (1 - t[:, None]) * za + t[:, None] * zb    # [1, k]
             W = sp.decode_weights(z.to(sp.device)).cpu()
-        img = generate(pipe, W, steps=steps, seed=seed, guidance=guidance, layout=layout, prompt=prompt)
+        img = generate(pipe, W, seed=seed, **kw)
         image.value = png_bytes(img[0], scale)
 
     controls = widgets.interactive(

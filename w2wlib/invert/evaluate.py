@@ -13,6 +13,7 @@ ship them), the floors, the single-image DreamBooth and a DreamBooth ceiling on 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,26 +30,22 @@ __all__ = ["score_models", "summary_row", "single_image_dreambooth", "run_compar
 
 
 def score_models(pipe, encoder, W: torch.Tensor | None, references: np.ndarray, inputs: np.ndarray | None = None, *,
-                 n_images: int = 4, n_refs: int = 4, seed: int = 0, steps: int = 25, guidance: float = 4.0,
-                 layout=None, prompt: str = "a photo of sks person") -> dict[str, object]:
+                 n_images: int = 4, n_refs: int = 4, **draw) -> dict[str, object]:
     """ID scores of the models in ``W [G, D]`` (``None``: the base model for every row).
 
-    ``references``: uint8 ``[G * n_refs, H, W, 3]``, row-major by identity; ``inputs``: ``[G, H, W, 3]``.
+    ``references``: uint8 ``[G * n_refs, H, W, 3]``, row-major by identity; ``inputs``: ``[G, H, W, 3]``;
+    ``draw``: :func:`w2wlib.generate.generate`'s settings (``seed``, ``steps``, ``guidance``, ``prompt``, ``layout``...).
     Returns ``{"id": [G], "id_input": [G] or None, "images": uint8 [G * n_images, ...]}``.
     """
-    from ..generate import generate
+    from ..scoring import weights_scores
 
     G = len(references) // n_refs
     if G * n_refs != len(references) or (W is not None and len(W) != G):
         raise W2WError(f"{len(references)} references do not split into {n_refs} per identity for "
                        f"{'the base model' if W is None else f'{len(W)} models'}")
-    if W is None:
-        one = generate(pipe, None, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance, prompt=prompt)
-        images = np.tile(one, (G, 1, 1, 1))
-    else:
-        images = generate(pipe, W, n_per_row=n_images, seed=seed, steps=steps, guidance=guidance, layout=layout,
-                          prompt=prompt)
-    out: dict[str, object] = {"id": identity_scores(encoder, images, references, n_images, n_refs), "images": images}
+    ids, images = weights_scores(pipe, encoder, W, references, n_images=n_images, n_refs=n_refs, **draw)
+    images = np.tile(images, (G, 1, 1, 1)) if W is None else images
+    out: dict[str, object] = {"id": ids, "images": images}
     out["id_input"] = None if inputs is None else identity_scores(encoder, images, inputs, n_images, 1)
     return out
 
@@ -62,12 +59,13 @@ def summary_row(name: str, scores: dict, seconds_per_image: float | None = None,
 
 
 def single_image_dreambooth(pipe, images: torch.Tensor, *, steps: int, lr: float, keys: Sequence[int] | None = None,
-                            cfg=None, progress: bool = False) -> torch.Tensor:
-    """A DreamBooth-LoRA per image ``[G, 3, H, W]`` (in [-1, 1]) trained on that image alone, no prior: ``W [G, D]``."""
+                            cfg=None, progress: bool = False, prompt: str = "a photo of sks person") -> torch.Tensor:
+    """A DreamBooth-LoRA per image ``[G, 3, H, W]`` (in [-1, 1]) trained on that image alone, no prior, with the
+    instance ``prompt``: ``W [G, D]``."""
     from ..diffusion import training_scheduler
     from ..dreambooth import DreamBoothConfig, train_identities
 
-    cfg = cfg or DreamBoothConfig(steps=steps, lr=lr, images_per_identity=1, prior_loss_weight=0.0)
+    cfg = cfg or DreamBoothConfig(steps=steps, lr=lr, images_per_identity=1, prior_loss_weight=0.0, instance_prompt=prompt)
     keys = list(range(len(images))) if keys is None else list(keys)
     return train_identities(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe),
                             images[:, None], None, cfg, identity_keys=keys, progress=progress)
@@ -219,12 +217,12 @@ def _row_key(name: str) -> str:
     return re.sub(r" \((unconstrained|\d+ identities)\)$", "", name)
 
 
-def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray, references: np.ndarray,
+def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray | None, references: np.ndarray,
                    keys: Sequence[int], *, steps: int = 150, w2w_steps: int = 400, generations: int = 60,
                    snapshots: int = 0, amortised_steps: int = 20, n_ceiling: int = 16, ceiling_steps: int = 600,
                    n_images: int = 4, inference_steps: int = 25, guidance: float = 4.0, seed: int = 0,
-                   layout=None) -> Comparison:
-    """Invert ``inputs`` (uint8 ``[G, H, W, 3]``, face ``masks [G, H, W]``) by every method and score all alike.
+                   layout=None, prompt: str = "a photo of sks person", negative_prompt: str = "") -> Comparison:
+    """Invert ``inputs`` (uint8 ``[G, H, W, 3]``, face ``masks [G, H, W]`` or None) by every method and score all alike.
 
     ``spaces``: the shipped :class:`~w2wlib.spaces.shipped.Spaces`; ``keys``: the identities' seeds (random
     streams, and the views of the ceiling's DreamBooth, :func:`w2wlib.dataset_build.fine_tune`);
@@ -233,23 +231,26 @@ def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray,
     ``amortised_steps`` gradient steps. Floors: the base model, another identity's inversion (the best method's,
     rolled by one). References: a DreamBooth-LoRA on the one input with ``steps`` steps, and on the first
     ``n_ceiling`` identities (0: none) one on their training views for ``ceiling_steps``, without prior.
-    ``snapshots``: latents kept along each search (for ID-against-step figures).
+    ``snapshots``: latents kept along each search (for ID-against-step figures). ``prompt``: the one the space's
+    LoRAs were trained with (every inversion and DreamBooth trains with it, and every score draws with it, with
+    ``negative_prompt`` on guidance's other branch). The ceiling renders mini-world views: other worlds pass 0.
 
     >>> cmp = run_comparison(pipe, enc, S, inputs, masks, refs, seeds, steps=3, n_ceiling=1)   # doctest: +SKIP
     >>> print(markdown_table(["method", "ID", "95 % CI", "ID (input)", "s / image"], cmp.rows()))  # doctest: +SKIP
     """
     from ..dataset_build import DatasetConfig, fine_tune
     from ..viz import to_tensor
-    from . import comparison_methods, invert
+    from . import InversionConfig, comparison_methods, invert
     from .amortised import invert_amortised
 
-    x, m = to_tensor(inputs), torch.as_tensor(masks)
+    x, m = to_tensor(inputs), None if masks is None else torch.as_tensor(masks)
     keys = [int(k) for k in keys]
     score = dict(n_images=n_images, n_refs=len(references) // len(inputs), seed=seed, steps=inference_steps,
-                 guidance=guidance)
+                 guidance=guidance, prompt=prompt, negative_prompt=negative_prompt)
     results, where = {}, {}
     for name, (space, cfg) in comparison_methods(spaces.vae.latent_dim, steps=steps, w2w_steps=w2w_steps,
                                                  generations=generations, snapshots=snapshots).items():
+        cfg = dataclasses.replace(cfg, prompt=prompt)
         results[name] = invert(pipe, spaces.space(space), x, cfg=cfg, masks=m, keys=keys, layout=layout, progress=False)
         where[name] = space
     amortised = spaces.folder / "amortised"
@@ -257,7 +258,8 @@ def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray,
         net = spaces.amortised(space)
         for s in (0, amortised_steps):
             results[f"{space.upper()}, amortised" + (f" + {s} steps" if s else "")] = invert_amortised(
-                pipe, spaces.space(space), net, x, steps=s, masks=m, keys=keys, layout=layout, progress=False)
+                pipe, spaces.space(space), net, x, steps=s, cfg=InversionConfig(prompt=prompt), masks=m, keys=keys,
+                layout=layout, progress=False)
         where[f"{space.upper()}, amortised"] = where[f"{space.upper()}, amortised + {amortised_steps} steps"] = space
     scores = {name: score_models(pipe, encoder, r.W, references, inputs, layout=layout, **score)
               for name, r in results.items()}
@@ -267,7 +269,7 @@ def run_comparison(pipe, encoder, spaces, inputs: np.ndarray, masks: np.ndarray,
     scores["floor: another identity's inversion"] = score_models(pipe, encoder, results[best].W.roll(1, 0), references,
                                                                  inputs, layout=layout, **score)
     t0 = time.perf_counter()
-    W_single = single_image_dreambooth(pipe, x, steps=steps, lr=2e-3, keys=keys)
+    W_single = single_image_dreambooth(pipe, x, steps=steps, lr=2e-3, keys=keys, prompt=prompt)
     name = "DreamBooth on the one input (unconstrained)"
     seconds[name] = (time.perf_counter() - t0) / len(keys)
     scores[name] = score_models(pipe, encoder, W_single, references, inputs, **score)

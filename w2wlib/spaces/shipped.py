@@ -65,8 +65,12 @@ class Spaces:
 
 
 def open_spaces(spaces_dir: str | os.PathLike, dataset_dir: str | os.PathLike, *,
-                device: torch.device | str = "cpu") -> Spaces:
-    """Open ``spaces_dir`` (``pca/``, ``vae/``, ``split.json``) and the dataset it was built on."""
+                device: torch.device | str = "cpu", pca_k: int | None = None) -> Spaces:
+    """Open ``spaces_dir`` (``pca/``, ``vae/``, ``split.json``) and the dataset it was built on.
+
+    ``pca_k``: keep only the PCA's first ``pca_k`` components (w2w samples and edits with 1,000 of the 10,000
+    it stores; a profile's ``pca_k``); None, or more than it stores, keeps them all.
+    """
     from ..data import open_weights
 
     folder = Path(spaces_dir)
@@ -85,5 +89,7 @@ def open_spaces(spaces_dir: str | os.PathLike, dataset_dir: str | os.PathLike, *
         elif not (torch.allclose(space.mean, ds.mean.float(), atol=1e-6) and torch.allclose(space.std, ds.std.float(), atol=1e-6)):
             raise W2WError(f"{folder / name} was fit with another mean/std than {dataset_dir}'s: the spaces belong "
                            f"to another dataset; rebuild them with w2w spaces build")
+    if pca_k is not None and pca_k < pca.latent_dim:
+        pca = pca.truncated(int(pca_k))
     split = json.loads((folder / "split.json").read_text())
     return Spaces(ds, pca, vae, torch.tensor(split["train"]), torch.tensor(split["val"]), folder)
