@@ -266,6 +266,22 @@ def test_the_sd15_dry_profile_is_the_sd15_profile_on_fakes(sd15_dry, root):
         open_models(dry.with_overrides({"sampler.scheduler": "Adam"}), spaces=False, scorer=False)
     with pytest.raises(W2WError, match="no such folder, and not a hub id"):
         open_models(dry.with_overrides({"base_model": "./no/such/pipeline"}), spaces=False, scorer=False)
+    # pca_k: w2w samples and edits with the first 1,000 of its 10,000 PCs (here: 4 of the fake's 8), inverts with all
+    few = dry.with_overrides({"pca_k": 4})
+    assert open_models(few, scorer=False).spaces.pca.latent_dim == 4
+    assert open_models(few, scorer=False, pca_k=False).spaces.pca.latent_dim == 8 == M.spaces.pca.latent_dim
+
+
+def test_w2w_invert_and_sample_run_on_the_sd15_code_path(sd15_dry, tmp_path, capsys):
+    """The commands under the dry profile: SD 1.5's pipeline from base_model, w2w's prompt, the profile's sampler."""
+    photos = write_photos(tmp_path / "photos", 1)
+    assert main(["invert", str(photos / "photo_0.png"), "--profile", str(sd15_dry), "--space", "pca", "--steps", "1",
+                 "--preview", "1", "--out", str(tmp_path / "inv")]) == 0
+    info = json.loads((tmp_path / "inv" / "photo_0" / "info.json").read_text())
+    assert info["inversion"]["prompt"] == "sks person" and info["inversion"]["steps"] == 1
+    assert main(["sample", "--profile", str(sd15_dry), "--space", "vae", "-n", "1", "--preview", "1",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "vae_000" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_w2w_book_builds_every_sd15_chapter_on_the_dry_world(sd15_dry, root, tmp_path):

@@ -163,6 +163,8 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .invert import InversionConfig
     from .invert.files import invert_files
     from .models import open_models
@@ -180,23 +182,29 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     else:
         cfg = InversionConfig.w2w(**over) if args.recipe == "w2w" else InversionConfig(method=args.method, **over)
     M = open_models(profile, scorer=False, pca_k=False)     # w2w inverts with every stored component
-    pipe, spaces = M.pipe, M.spaces
-    for folder in invert_files(args.images, args.out, pipe=pipe, spaces=spaces, space=args.space, cfg=cfg,
+    cfg = dataclasses.replace(cfg, prompt=M.draw["prompt"])  # the prompt the space's LoRAs were trained with
+    for folder in invert_files(args.images, args.out, pipe=M.pipe, spaces=M.spaces, space=args.space, cfg=cfg,
                                amortised_steps=amortised_steps, amortised_scale=args.scale, n_preview=args.preview,
-                               overwrite=args.overwrite):
+                               overwrite=args.overwrite, draw=_preview_draw(M)):
         print(folder)
     return 0
 
 
+def _preview_draw(M) -> dict:
+    """The profile's drawing settings for a command's previews (the layout is each command's own)."""
+    return {k: v for k, v in M.draw.items() if k != "layout"}
+
+
 def _model_context(args: argparse.Namespace, pca_k: bool = True):
-    """(pipeline, spaces) of the profile, for the commands that make models (sample, edit, export); the PCA keeps
-    the profile's ``pca_k`` components (``pca_k=False``: all, so that a latent of any size decodes)."""
+    """(pipeline, spaces, drawing settings) of the profile, for the commands that make models (sample, edit,
+    export); the PCA keeps the profile's ``pca_k`` components (``pca_k=False``: all, so that a latent of any
+    size decodes)."""
     from .models import open_models
     from .profile import load_profile
 
     profile = load_profile(args.profile, {"device": args.device} if args.device else None)
     M = open_models(profile, scorer=False, pca_k=pca_k)
-    return M.pipe, M.spaces
+    return M.pipe, M.spaces, _preview_draw(M)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -204,9 +212,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     check_count(args.n)                                # before loading anything
     check_count(args.preview, "--preview", "a number of images")
-    pipe, spaces = _model_context(args)
+    pipe, spaces, draw = _model_context(args)
     for folder in sample_to_folders(args.out, pipe=pipe, spaces=spaces, space=args.space, n=args.n, seed=args.seed,
-                                    scale=args.scale, n_preview=args.preview, overwrite=args.overwrite):
+                                    scale=args.scale, n_preview=args.preview, overwrite=args.overwrite, draw=draw):
         print(folder)
     return 0
 
@@ -215,12 +223,12 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .edit import SWITCH_T, check_edit_args, edit_to_folder
 
     check_edit_args(args.strength, args.row, args.lora, args.preview)   # before loading anything
-    pipe, spaces = _model_context(args)
+    pipe, spaces, draw = _model_context(args)
     debias = "correlated" if args.debias is None else [] if args.debias == ["none"] else args.debias
     print(edit_to_folder(args.out, pipe=pipe, spaces=spaces, space=args.space, attribute=args.attribute,
                          strength=args.strength, row=args.row, lora=args.lora, debias=debias,
                          switch_t=SWITCH_T if args.switch_t is None else args.switch_t, n_preview=args.preview,
-                         seed=args.seed, overwrite=args.overwrite))
+                         seed=args.seed, overwrite=args.overwrite, draw=draw))
     return 0
 
 
@@ -231,10 +239,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise W2WError("give exactly one of --row I (a dataset row) or --latent FILE (a latent.safetensors)")
     formats = check_formats(args.format or ["diffusers", "peft"])
     check_count(args.preview, "--preview", "a number of images")
-    pipe, spaces = _model_context(args, pca_k=False)
+    pipe, spaces, draw = _model_context(args, pca_k=False)
     print(export_to_folder(args.out, pipe=pipe, spaces=spaces, row=args.row, latent=args.latent, space=args.space,
                            formats=formats, n_preview=args.preview, seed=args.seed,
-                           overwrite=args.overwrite))
+                           overwrite=args.overwrite, draw=draw))
     return 0
 
 

@@ -345,11 +345,11 @@ def check_edit_args(strength: float, row: int | None, lora, n_preview: int = 1) 
 def edit_to_folder(out: str | os.PathLike, *, pipe, spaces, space: str, attribute: str, strength: float,
                    row: int | None = None, lora: str | os.PathLike | None = None,
                    debias: Sequence[str] | str | None = "correlated", switch_t: int = SWITCH_T, n_preview: int = 4,
-                   seed: int = 0, overwrite: bool = False, progress: bool = True) -> Path:
+                   seed: int = 0, overwrite: bool = False, progress: bool = True, draw: dict | None = None) -> Path:
     """``w2w edit``: edit a dataset row or a LoRA file along ``attribute`` and export the edited model.
 
     The preview's first row is the source model's images, the second the edited model's with the timestep
-    switch, over the same ``n_preview`` noise seeds.
+    switch, over the same ``n_preview`` noise seeds, drawn with ``draw`` (the profile's prompt, steps, guidance).
     """
     from .export import export_lora
     from .generate import generate
@@ -362,7 +362,8 @@ def edit_to_folder(out: str | os.PathLike, *, pipe, spaces, space: str, attribut
     W = ds.rows([check_row(ds, row)]) if row is not None else read_lora(lora, layout)[None]
     d = AttributeDirections.fit(spaces, space).direction(attribute, debias)
     W_edit, z_edit = edit_weights(spaces.space(space), W, d, strength)
-    kw = dict(n_per_row=n_preview, seed=seed, layout=layout, prompt=instance_prompt(ds), progress=progress)
+    kw = {"prompt": instance_prompt(ds), **(draw or {}), "n_per_row": n_preview, "seed": seed, "layout": layout,
+          "progress": progress}
     imgs = np.concatenate([generate(pipe, W, **kw), generate(pipe, W, edited=W_edit, switch_t=switch_t, **kw)])
     info = {"source": f"row {row}" if row is not None else str(lora), "space": space, "attribute": attribute,
             "strength": strength, "strength_unit": f"{d.unit_std:.4g} (std of the training latents along it)",

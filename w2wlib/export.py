@@ -78,14 +78,15 @@ def export_lora(folder: str | os.PathLike, w: torch.Tensor, layout: LoraLayout, 
     return folder
 
 
-def preview_strips(pipe, W: torch.Tensor, layout: LoraLayout, *, prompt: str, n_preview: int, seed: int = 0,
-                   lead: np.ndarray | None = None, progress: bool = False) -> list[np.ndarray]:
+def preview_strips(pipe, W: torch.Tensor, layout: LoraLayout, *, n_preview: int, seed: int = 0,
+                   lead: np.ndarray | None = None, progress: bool = False, **draw) -> list[np.ndarray]:
     """One preview strip per row of ``W``: its images over ``n_preview`` noise seeds, after ``lead[g]`` if given
-    (e.g. the input image of an inversion)."""
+    (e.g. the input image of an inversion). ``draw``: :func:`w2wlib.generate.generate`'s ``prompt``, ``steps``,
+    ``guidance``, ``negative_prompt`` (a command passes its profile's, :attr:`w2wlib.models.Models.draw`)."""
     from .generate import generate
     from .viz import image_grid
 
-    imgs = generate(pipe, W, n_per_row=n_preview, seed=seed, layout=layout, prompt=prompt, progress=progress)
+    imgs = generate(pipe, W, n_per_row=n_preview, seed=seed, progress=progress, **{**draw, "layout": layout})
     rows = [list(imgs[g * n_preview:(g + 1) * n_preview]) for g in range(len(W))]
     if lead is not None:
         rows = [[lead[g], *row] for g, row in enumerate(rows)]

@@ -189,19 +189,22 @@ def read_latent(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
     return z.float(), meta.get("space") or None
 
 
-def _previews(pipe, W: torch.Tensor, layout, prompt: str, n_preview: int, seed: int, progress: bool) -> list:
-    """One strip ``[H, n_preview * W, 3]`` per row of ``W``: its images over ``n_preview`` noise seeds."""
+def _previews(pipe, W: torch.Tensor, layout, ds, n_preview: int, seed: int, progress: bool, draw: dict | None) -> list:
+    """One strip ``[H, n_preview * W, 3]`` per row of ``W``: its images over ``n_preview`` noise seeds, drawn with
+    ``draw`` (the profile's prompt, steps, guidance; the prompt defaults to the dataset's instance prompt)."""
     from .export import preview_strips
 
     check_count(n_preview, "--preview", "a number of images")
-    return preview_strips(pipe, W, layout, prompt=prompt, n_preview=n_preview, seed=seed, progress=progress)
+    return preview_strips(pipe, W, layout, n_preview=n_preview, seed=seed, progress=progress,
+                          **{"prompt": instance_prompt(ds), **(draw or {})})
 
 
 def sample_to_folders(out: str | os.PathLike, *, pipe, spaces, space: str, n: int, seed: int = 0,
                       scale: float = 1.0, n_preview: int = 4, overwrite: bool = False,
-                      progress: bool = True) -> list[Path]:
+                      progress: bool = True, draw: dict | None = None) -> list[Path]:
     """``w2w sample``: ``n`` models from ``space``, one folder each (``out/<space>_<i>``), with a preview strip
-    and, in ``info.json``, the nearest training row's cosine (a copy of a training row scores 1)."""
+    (drawn with ``draw``: the profile's prompt, steps, guidance) and, in ``info.json``, the nearest training
+    row's cosine (a copy of a training row scores 1)."""
     from tqdm.auto import tqdm
 
     from .export import export_lora
@@ -218,7 +221,7 @@ def sample_to_folders(out: str | os.PathLike, *, pipe, spaces, space: str, n: in
     sp, ds = spaces.space(space), spaces.dataset
     layout = ds.lora_layout(pipe.unet)
     z, W = sample_models(sp, n, seed=seed, scale=scale)
-    strips = _previews(pipe, W, layout, instance_prompt(ds), n_preview, seed, progress)
+    strips = _previews(pipe, W, layout, ds, n_preview, seed, progress, draw)
     cos, near = nearest_rows(spaces, W)
     return [export_lora(out / name, W[i], layout, z=z[i], space=space, preview=strips[i], overwrite=overwrite,
                         info={"space": space, "seed": seed, "index": i, "scale": scale, "preview_seed": seed,
@@ -229,7 +232,7 @@ def sample_to_folders(out: str | os.PathLike, *, pipe, spaces, space: str, n: in
 def export_to_folder(out: str | os.PathLike, *, pipe, spaces, row: int | None = None,
                      latent: str | os.PathLike | None = None, space: str | None = None,
                      formats: Sequence[str] = ("diffusers", "peft"), n_preview: int = 4, seed: int = 0,
-                     overwrite: bool = False, progress: bool = True) -> Path:
+                     overwrite: bool = False, progress: bool = True, draw: dict | None = None) -> Path:
     """``w2w export``: a dataset row or a saved latent as model files in ``formats`` (see :data:`EXPORT_FORMATS`).
 
     ``w2w`` writes :data:`W2W_FILE`, w2w's own model file: the row's coefficients in the PCA (exact for a
@@ -264,7 +267,7 @@ def export_to_folder(out: str | os.PathLike, *, pipe, spaces, row: int | None = 
         if space is not None:
             with torch.no_grad():
                 z = spaces.space(space).encode_weights(W).cpu()
-    strip = _previews(pipe, W, layout, instance_prompt(ds), n_preview, seed, progress)[0]
+    strip = _previews(pipe, W, layout, ds, n_preview, seed, progress, draw)[0]
     folder = export_lora(out, W[0], layout, formats=[f for f in formats if f != "w2w"], z=z, space=space,
                          preview=strip, overwrite=overwrite,
                          info={"source": source, "space": space, "formats": list(formats), "preview_seed": seed})

@@ -19,7 +19,7 @@ def _names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, pipe, spaces, space: str = "vae",
                  cfg=None, amortised_steps: int | None = None, amortised_scale: float = 1.0, n_preview: int = 4,
-                 seed: int = 0, overwrite: bool = False, progress: bool = True) -> list[Path]:
+                 seed: int = 0, overwrite: bool = False, progress: bool = True, draw: dict | None = None) -> list[Path]:
     """Invert each image file into ``spaces.space(space)`` (all in one batch) and export one folder each.
 
     ``cfg`` (an :class:`~w2wlib.invert.InversionConfig`) says how; or, with ``amortised_steps`` set, the
@@ -29,7 +29,8 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
 
     Images are read with :func:`w2wlib.images.load_images` (grayscale and RGBA converted, square
     images resized, the rest refused with the fix). Each folder holds what :func:`w2wlib.export.export_lora`
-    writes; the preview is the input, then the inverted model's images over ``n_preview`` seeds.
+    writes; the preview is the input, then the inverted model's images over ``n_preview`` seeds, drawn with
+    ``draw`` (the profile's steps, guidance, negative prompt) and ``cfg``'s prompt, the one the inversion trained with.
     """
     from ..export import export_lora, preview_strips
     from ..images import load_images
@@ -55,8 +56,8 @@ def invert_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     else:
         res = invert_amortised(pipe, spaces.space(space), spaces.amortised(space), to_tensor(arr),
                                steps=amortised_steps, cfg=cfg, layout=layout, progress=progress, scale=amortised_scale)
-    strips = preview_strips(pipe, res.W, layout, prompt=cfg.prompt, n_preview=n_preview, seed=seed, lead=arr,
-                            progress=progress)
+    strips = preview_strips(pipe, res.W, layout, n_preview=n_preview, seed=seed, lead=arr, progress=progress,
+                            **{**(draw or {}), "prompt": cfg.prompt})
     written = []
     for i, (path, name, strip) in enumerate(zip(paths, names, strips)):
         info = {"input": str(path), "space": space, "inversion": res.config, "seconds": res.seconds / len(names),
