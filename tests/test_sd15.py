@@ -220,7 +220,8 @@ def test_w2w_book_skips_a_chapter_of_another_world_and_says_why(book_root, capsy
 
 #: The chapters' sizes under sd15-dry: a step or two of everything (a forward of SD 1.5's UNet takes about 1 s here).
 DRY_SIZES = {
-    "weights_dataset": {"n_pin": 2, "pin_images": 2, "inference_steps": 2, "n_stats": 60, "n_components": 16},
+    "weights_dataset": {"n_live": 1, "n_images": 2, "n_pin": 2, "pin_images": 2, "inference_steps": 2, "n_stats": 60,
+                        "n_components": 16},
     "training_vae": {"steps": 4, "compare_steps": 4, "pca_ks": [2, 4, 8]},
     "latent_space": {"n_eval": 2, "n_images": 2, "inference_steps": 2, "sweep": [2, 4]},
     "sampling": {"n_samples": 2, "n_images": 2, "inference_steps": 2, "interp_steps": 3, "n_paths": 1, "n_fit": 16},
@@ -307,6 +308,7 @@ def test_w2w_book_builds_every_sd15_chapter_on_the_dry_world(sd15_dry, root, tmp
     text, _ = _outputs(src / "weights_dataset.ipynb")
     assert "layout='w2w'" in text and "identity consistency over 2 noise seeds: within a LoRA" in text
     assert "balanced accuracy" in text                                  # the probe reads the converted labels
+    assert "1 rows through diffusers' load_lora_weights against w2wlib's batch: largest pixel difference" in text
     # "The latent space": reconstructions scored against the own LoRA's images (public rows come without photos)
     text, _ = _outputs(src / "latent_space.ipynb")
     assert "scored against own LoRA, other seeds" in text and "| own LoRA (oracle) |" in text and "| VAE (w2w++) |" in text

@@ -29,7 +29,7 @@ from .errors import W2WError
 from .lora import BatchedLora, LoraLayout
 from .seeding import generator
 
-__all__ = ["generate", "image_generator"]
+__all__ = ["generate", "generate_loaded", "image_generator"]
 
 
 def image_generator(seed: int, j: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -95,6 +95,46 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
                     contextlib.nullcontext() if edited is None else _switch_at(pipe.unet, bank, edited[idx], switch_t):
                 imgs = pipe(**kwargs).images
             out.append((imgs * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def generate_loaded(pipe, W: torch.Tensor, layout: LoraLayout, *, prompt: str = "a photo of sks person",
+                    n_per_row: int = 1, seed: int = 0, steps: int = 25, guidance: float = 4.0,
+                    negative_prompt: str = "") -> np.ndarray:
+    """The images :func:`generate` draws, drawn instead the way a diffusers user would: each row of ``W [G, D]``
+    saved as a diffusers LoRA file, loaded with the pipeline's own ``load_lora_weights``, a plain pipeline call,
+    then unloaded. uint8 ``[G * n_per_row, H, W, 3]``, row-major, image ``j`` from the same noise as ``generate``'s.
+
+    It is the reference ``generate`` must match, and the proof that a row's file loads in diffusers.
+    """
+    import tempfile
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from .lora_io import save_diffusers_lora
+
+    W = W[None] if W.dim() == 1 else W
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    device = pipe.unet.device
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()   # our files hold UNet keys only: no text-encoder notice per load
+    out = []
+    try:
+        for g in range(len(W)):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_diffusers_lora(W[g], layout, tmp)
+                pipe.load_lora_weights(tmp, adapter_name=f"w2w_row{g}")
+                try:
+                    imgs = pipe([prompt] * n_per_row, negative_prompt=[negative_prompt] * n_per_row if negative_prompt
+                                else None, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                                generator=[image_generator(seed, j, device) for j in range(n_per_row)],
+                                output_type="np").images
+                finally:
+                    pipe.unload_lora_weights()
+            out.append((imgs * 255).round().astype(np.uint8))
+    finally:
+        diffusers_logging.set_verbosity(level)
     return np.concatenate(out)
 
 
