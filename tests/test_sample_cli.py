@@ -167,10 +167,13 @@ def test_commands_write_files_that_load_in_diffusers_and_peft(S, pipe, commands)
     W = S.vae.decode_weights(z).detach()
     assert space == "vae" and torch.equal(z, sample_models(S.vae, 2, seed=4)[0][1:])
     torch.testing.assert_close(load_diffusers_lora(commands / "s" / "vae_001", layout), W[0])
-    # the preview is drawn as the profile draws (the world's CFG 7.5, 25 steps, the dataset's instance prompt)
-    want = image_grid(generate(pipe, W, n_per_row=2, seed=4, steps=25, guidance=7.5, layout=layout,
-                               prompt="a photo of sks person"), nrow=2)
-    assert np.array_equal(np.asarray(Image.open(commands / "s" / "vae_001" / "preview.png").convert("RGB")), want)
+    # the previews are drawn as the profile draws (the world's CFG 7.5, 25 steps, the dataset's instance prompt),
+    # the command's two models in one batch, as it drew them
+    drawn = generate(pipe, sample_models(S.vae, 2, seed=4)[1], n_per_row=2, seed=4, steps=25, guidance=7.5,
+                     layout=layout, prompt="a photo of sks person")
+    for i in range(2):
+        got = np.asarray(Image.open(commands / "s" / f"vae_00{i}" / "preview.png").convert("RGB"))
+        assert np.array_equal(got, image_grid(drawn[2 * i:2 * i + 2], nrow=2)), i
     kw = dict(prompt="a photo of sks person", n_per_row=2, seed=5, steps=3)
     for folder, w in (("s/vae_001", W[0]), ("e", load_peft_adapter(commands / "e" / "peft", layout))):
         ours = generate(pipe, w[None], layout=layout, **kw)
