@@ -45,7 +45,7 @@ def test_each_row_matches_diffusers_load_lora_weights(pipe, W, tmp_path):
             pipe.unload_lora_weights()
         diff = np.abs(out[2 * g:2 * g + 2].astype(int) - (ref * 255).round().astype(int))
         assert diff.max() <= 2, f"row {g}: max pixel difference {diff.max()}"
-        assert np.array_equal(generate_loaded(pipe, W[g], layout, **kw), (ref * 255).round().astype(np.uint8))
+        assert np.array_equal(generate_loaded(pipe, W[g], layout=layout, **kw), (ref * 255).round().astype(np.uint8))
     # batch size does not change anything, and the pipeline is left without hooks
     assert np.array_equal(out, generate(pipe, W, batch=6, **kw))
     base = generate(pipe, None, **kw)

@@ -99,12 +99,13 @@ def generate(pipe, W: torch.Tensor | None = None, *, prompt: str = "a photo of s
 
 
 @torch.no_grad()
-def generate_loaded(pipe, W: torch.Tensor, layout: LoraLayout, *, prompt: str = "a photo of sks person",
+def generate_loaded(pipe, W: torch.Tensor, *, layout: LoraLayout, prompt: str = "a photo of sks person",
                     n_per_row: int = 1, seed: int = 0, steps: int = 25, guidance: float = 4.0,
                     negative_prompt: str = "") -> np.ndarray:
     """The images :func:`generate` draws, drawn instead the way a diffusers user would: each row of ``W [G, D]``
     saved as a diffusers LoRA file, loaded with the pipeline's own ``load_lora_weights``, a plain pipeline call,
     then unloaded. uint8 ``[G * n_per_row, H, W, 3]``, row-major, image ``j`` from the same noise as ``generate``'s.
+    It takes ``generate``'s drawing arguments (a chapter passes :attr:`w2wlib.models.Models.draw` to both).
 
     It is the reference ``generate`` must match, and the proof that a row's file loads in diffusers.
     """
